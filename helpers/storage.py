@@ -97,9 +97,13 @@ def _check_replaceable(path: Path, kind: str | None) -> None:
     """Refuse to put a folder over a file, a file over a folder, or a folder over a foreign folder."""
     if not path.exists() or path.is_symlink():
         return
-    if path.is_dir() and (kind is None or output_kind(path) != kind):
-        what = "a file" if kind is None else f"a {kind} output"
-        raise OutputExistsError(f"{path} is a folder this lab did not write as {what}; refusing to replace it.")
+    if path.is_dir() and kind is None:
+        raise OutputExistsError(f"{path} is a folder but this output is a file; refusing to replace the folder.")
+    if path.is_dir() and output_kind(path) != kind:
+        raise OutputExistsError(
+            f"{path} is a folder this lab did not write as a {kind} output (no slicing.json, pruning.json "
+            f"or {MARKER} marker); refusing to replace it."
+        )
     if not path.is_dir() and kind is not None:
         raise OutputExistsError(f"{path} is a file; a {kind} output is a folder, refusing to replace it.")
 
