@@ -184,7 +184,7 @@ def check_device(spec: str | torch.device, origin: str = "device") -> torch.devi
             raise ValueError(f"{origin}={spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{origin}={spec!r} asks for Apple MPS, which this machine does not have; use cpu.")
-    elif device.type not in ("cpu", "cuda", "mps"):
+    elif device.type not in ("cpu", "cuda", "mps", "meta"):  # meta: shapes only, for tests
         raise ValueError(f"{origin}={spec!r} is not supported here; use cpu, cuda, cuda:N or mps.")
     return device
 

@@ -32,7 +32,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from helpers.adapters import ModelAdapter, get_adapter
-from helpers.integrity import CHECKSUM_FIELD, folder_checksums, read_metadata, verify_checksums
+from helpers.integrity import (
+    CHECKSUM_FIELD,
+    check_calibration_tokens,
+    folder_checksums,
+    read_metadata,
+    verify_checksums,
+)
 from helpers.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -312,6 +318,7 @@ def rotate_and_slice(
     dims = check_dims(dims, n_layers, d)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
+    check_calibration_tokens(input_ids.numel(), d, allow_few=True)  # a loud warning; the CLI refuses
     ships_tied = adapter.tied(model)
     tied = ships_tied if tied is None else bool(tied)
     if tied and not ships_tied:
