@@ -77,6 +77,15 @@ def weights_fingerprint(source: str) -> str:
     return digest.hexdigest()
 
 
+def tensor_fingerprint(model: torch.nn.Module) -> str:
+    """Fingerprint of a model in memory: every parameter's name, shape and float64 sum (any retraining moves them)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            digest.update(f"{name}:{tuple(p.shape)}:{p.sum(dtype=torch.float64).item():.17g}".encode())
+    return digest.hexdigest()[:16]
+
+
 def code_fingerprint(*modules: ModuleType) -> str:
     """Hash of the source of the modules that compute a cached value: edited code invalidates its cache."""
     digest = hashlib.sha256()

@@ -343,3 +343,19 @@ def test_figure_next_to_table_gets_its_own_name(world, tmp_path, lr_cache, capsy
     assert (tmp_path / "curve_plot.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "curve_plot.svg").exists()
     assert main(["lr", "--model", str(world / "tiny"), "--out", str(out)]) == 2  # exists: needs --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def test_corrupt_hidden_state_shard_is_recomputed(tmp_path, caplog):
+    from helpers.replacement import capture_block_pairs, iter_pairs
+
+    model = tiny_model()
+    ids = torch.randint(0, 128, (5, 8), generator=torch.Generator().manual_seed(0))
+    folder = capture_block_pairs(model, ids, 1, 2, tmp_path / "pairs", batch_size=2, progress=False)
+    good = [torch.cat(pair) for pair in iter_pairs(folder)]
+    shard = sorted(folder.glob("pairs_*.pt"))[1]
+    shard.write_bytes(shard.read_bytes()[:200])
+    with caplog.at_level(logging.WARNING):
+        capture_block_pairs(model, ids, 1, 2, folder, batch_size=2, progress=False)
+    assert shard.name in caplog.text and str(folder) in caplog.text
+    for again, before in zip(iter_pairs(folder), good, strict=True):
+        torch.testing.assert_close(torch.cat(again), before)
