@@ -480,6 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SystemExit as done:  # --help
         return int(done.code or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted; any output being written was discarded, earlier outputs are intact", file=sys.stderr)
+        return 130
     except Exception as err:
         if verbose:
             raise
