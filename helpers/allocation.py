@@ -324,4 +324,7 @@ def read_lr_csv(path: str) -> np.ndarray:
         raise ValueError(f"{path} has no 'lr' column; write one with: python -m helpers lr --out {path}")
     if "layer" in table.columns:
         table = table.sort_values("layer")
-    return table["lr"].to_numpy(dtype=np.float64)
+    lr = pd.to_numeric(table["lr"], errors="coerce").to_numpy(dtype=np.float64)
+    if lr.size == 0 or not np.all(np.isfinite(lr)):
+        raise ValueError(f"{path}: column 'lr' is empty or has non-numeric, NaN or infinite values; recompute it.")
+    return lr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,13 +25,67 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
     return wrap
 
 
+class UsageError(ValueError):
+    """A bad command line; reported in one line like every other error."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError(text)
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1."""
+    values = [positive_int(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise ValueError(text)
+    return values
+
+
+positive_int.__name__, count.__name__, fraction.__name__ = "positive integer", "integer >= 0", "fraction in [0, 1)"
+positive_ints.__name__ = "comma-separated positive integers"
+
+
+def _out_args(p: argparse.ArgumentParser, kind: str | None, help: str, required: bool = False) -> None:
+    """`--out` (a file when `kind` is None, else a folder of that kind) and `--overwrite`."""
+    p.add_argument("--out", type=Path, default=None, required=required, help=help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (a folder only if lab-made)")
+    p.set_defaults(out_kind=kind)
+
+
 def _lr_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--text", default="gutenberg", help="text name (see textdata.text_sources) or a .txt file")
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--windows", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", type=Path, default=None, help="CSV path (default figures/lr_MODEL.csv)")
+    p.add_argument("--seqlen", type=positive_int, default=256)
+    p.add_argument("--windows", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    _out_args(p, None, "CSV path (default figures/lr_MODEL.csv); the plot goes next to it")
 
 
 @command("lr", _lr_args)
@@ -38,13 +93,13 @@ def run_lr(args: argparse.Namespace) -> int:
     """Compute Layer Redundancy and write the CSV plus a plot of the curve next to it."""
     from helpers import plots
     from helpers.redundancy import cached_layer_redundancy
-    from helpers.storage import FIGURES_DIR, slug, write_csv_atomic
+    from helpers.storage import FIGURES_DIR, figure_stem, slug, write_csv_atomic
 
     table = cached_layer_redundancy(args.model, args.text, args.seqlen, args.windows, args.batch_size)
     out = args.out or FIGURES_DIR / f"lr_{slug(args.model)}.csv"
     write_csv_atomic(table, out)
     fig = plots.plot_lr_curve(table, title=f"Layer Redundancy: {args.model} on {args.text}")
-    written = plots.save_figure(fig, out)
+    written = plots.save_figure(fig, figure_stem(out))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"wrote {out} and {', '.join(map(str, written))}")
     return 0
@@ -53,15 +108,15 @@ def run_lr(args: argparse.Namespace) -> int:
 def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--method", choices=("shortgpt", "gromov", "streamline"), default="streamline")
-    p.add_argument("--n", type=int, default=4, help="number of layers to remove")
+    p.add_argument("--n", type=positive_int, default=4, help="number of layers to remove")
     p.add_argument("--replacement", choices=("none", "ffn", "swiglu", "layer"), default="none")
     p.add_argument("--calib", default="gutenberg", help="calibration text name or .txt file")
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--windows", type=int, default=32, help="calibration windows for the block scores")
-    p.add_argument("--train-windows", type=int, default=32, help="windows to train the replacement on")
-    p.add_argument("--val-windows", type=int, default=8, help="held-out windows for early stopping")
-    p.add_argument("--max-steps", type=int, default=400)
-    p.add_argument("--out", type=Path, required=True, help="folder for the pruned model")
+    p.add_argument("--seqlen", type=positive_int, default=256)
+    p.add_argument("--windows", type=positive_int, default=32, help="calibration windows for the block scores")
+    p.add_argument("--train-windows", type=positive_int, default=32, help="windows to train the replacement on")
+    p.add_argument("--val-windows", type=positive_int, default=8, help="held-out windows for early stopping")
+    p.add_argument("--max-steps", type=positive_int, default=400)
+    _out_args(p, "pruned", "folder for the pruned model", required=True)
 
 
 @command("prune", _prune_args)
@@ -86,19 +141,24 @@ def run_prune(args: argparse.Namespace) -> int:
     info.update(source=args.model, calib=args.calib, params_before=before, params_after=parameter_count(model))
     save_pruned(model, tokenizer, args.out, info)
     if history is not None:
-        plots.save_figure(plots.plot_loss_curve(history), args.out.parent / f"{args.out.name}_loss.png")
+        plots.save_figure(plots.plot_loss_curve(history), _loss_plot(args.out))
         print(f"replacement val MSE {history['best_val_mse']:.4g} vs identity {history['identity_mse']:.4g}")
     print(f"removed layers {info['removed']}; parameters {before:,} -> {info['params_after']:,}; wrote {args.out}")
     return 0
 
 
+def _loss_plot(out: Path) -> Path:
+    """Where `prune` puts the replacement's loss curve (PNG and SVG) next to the pruned folder."""
+    return out.parent / f"{out.name}_loss.png"
+
+
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
-    p.add_argument("--slice-fraction", type=float, default=0.25, help="constant slicing's SP; sets the budget")
-    p.add_argument("--windows", type=int, default=32, help="calibration windows")
-    p.add_argument("--task-limit", type=int, default=50, help="questions per zero-shot task")
-    p.add_argument("--eval-windows", type=int, default=16, help="perplexity windows")
-    p.add_argument("--max-steps", type=int, default=300, help="replacement training steps")
+    p.add_argument("--slice-fraction", type=fraction, default=0.25, help="constant slicing's SP; sets the budget")
+    p.add_argument("--windows", type=positive_int, default=32, help="calibration windows")
+    p.add_argument("--task-limit", type=positive_int, default=50, help="questions per zero-shot task")
+    p.add_argument("--eval-windows", type=positive_int, default=16, help="perplexity windows")
+    p.add_argument("--max-steps", type=positive_int, default=300, help="replacement training steps")
 
 
 @command("compare", _compare_args)
@@ -118,16 +178,17 @@ def run_compare(args: argparse.Namespace) -> int:
     written = write_table(table)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {', '.join(map(str, written))}")
+    return 0
 
 
 def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=Path, required=True, help="LR CSV written by `helpers lr` (column lr)")
-    p.add_argument("--sp", type=float, required=True, help="target mean slice fraction, e.g. 0.3")
-    p.add_argument("--sb", type=float, required=True, help="base slice every layer gets, 0 <= SB <= SP")
-    p.add_argument("--fs-max", type=float, default=0.95, help="largest slice any layer may get")
-    p.add_argument("--multiple", type=int, default=8, help="kept dimensions are multiples of this (1: none)")
+    p.add_argument("--sp", type=fraction, required=True, help="target mean slice fraction, e.g. 0.3")
+    p.add_argument("--sb", type=fraction, required=True, help="base slice every layer gets, 0 <= SB <= SP")
+    p.add_argument("--fs-max", type=fraction, default=0.95, help="largest slice any layer may get")
+    p.add_argument("--multiple", type=positive_int, default=8, help="kept dimensions are multiples of this (1: none)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model whose config gives d and the parameter count")
-    p.add_argument("--out", type=Path, default=None, help="CSV path (default figures/alloc_SP_SB.csv)")
+    _out_args(p, None, "CSV path (default figures/alloc_SP_SB.csv)")
     p.add_argument("--plot", nargs="?", const=True, default=None, help="also write Figure 1 (PNG+SVG); optional path")
 
 
@@ -136,7 +197,7 @@ def run_allocate(args: argparse.Namespace) -> int:
     """Per-layer slice fractions and kept dimensions from LR scores for a mean slice SP and base slice SB."""
     from helpers import plots
     from helpers.allocation import ModelShape, allocate, allocation_table, param_summary, read_lr_csv
-    from helpers.storage import FIGURES_DIR, write_csv_atomic
+    from helpers.storage import FIGURES_DIR, figure_stem, write_csv_atomic
 
     shape = ModelShape.from_pretrained(args.model)
     lr = read_lr_csv(args.lr)
@@ -155,7 +216,7 @@ def run_allocate(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     if args.plot:
-        target = out if args.plot is True else Path(args.plot)
+        target = figure_stem(out) if args.plot is True else Path(args.plot)
         title = f"{args.model}: SP={args.sp:g}, SB={args.sb:g}, realised {alloc.realised_mean:.4f}"
         written = plots.save_figure(plots.plot_allocation(alloc, title=title), target)
         print(f"wrote {', '.join(map(str, written))}")
@@ -165,9 +226,9 @@ def run_allocate(args: argparse.Namespace) -> int:
 def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (sliced models too) or Hugging Face id")
     p.add_argument("--tasks", default="piqa,hellaswag,arc_easy,arc_challenge,winogrande", help="comma-separated")
-    p.add_argument("--limit", type=int, default=None, help="score the first N questions of each task (default all)")
-    p.add_argument("--batch-size", type=int, default=8, help="(context, option) rows per forward pass")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default figures/zeroshot_MODEL.json)")
+    p.add_argument("--limit", type=positive_int, default=None, help="score the first N questions of each task")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="(context, option) rows per forward pass")
+    _out_args(p, None, "JSON path (default figures/zeroshot_MODEL.json)")
 
 
 @command("zeroshot", _zeroshot_args)
@@ -197,16 +258,19 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
-    p.add_argument("--sp", type=float, required=True, help="mean slice fraction, e.g. 0.3")
-    p.add_argument("--sb", type=float, default=None, help="base slice (default SP: constant slicing)")
+    p.add_argument("--sp", type=fraction, required=True, help="mean slice fraction, e.g. 0.3")
+    p.add_argument("--sb", type=fraction, default=None, help="base slice (default SP: constant slicing)")
     p.add_argument("--calib", default="pride-and-prejudice", help="text name or .txt file for calibration")
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
+    p.add_argument("--calib-windows", type=positive_int, default=64)
+    p.add_argument(
+        "--allow-few-tokens", action="store_true", help="slice even with fewer calibration tokens than the hidden size"
+    )
     p.add_argument("--lr-text", default=None, help="text for Layer Redundancy (default: the calibration text)")
     p.add_argument("--layout", choices=["auto", "tied", "untied"], default="auto", help="embedding layout")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default=None, help="device for the current layer (default: CUDA if present)")
-    p.add_argument("--out", type=Path, required=True, help="folder to write the sliced model to")
+    _out_args(p, "sliced", "folder to write the sliced model to", required=True)
 
 
 @command("slice", _slice_args)
@@ -244,10 +308,10 @@ def run_slice(args: argparse.Namespace) -> int:
 def _ppl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (dense or sliced) or Hugging Face id")
     p.add_argument("--text", default="great-expectations", help="text name or .txt file")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=32, help="number of windows (0: every full window)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--out", type=Path, default=None, help="JSON file for perplexity, tokens, params")
+    p.add_argument("--seqlen", type=positive_int, default=512)
+    p.add_argument("--windows", type=count, default=32, help="number of windows (0: every full window)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    _out_args(p, None, "JSON file for perplexity, tokens, params")
 
 
 @command("ppl", _ppl_args)
@@ -272,9 +336,9 @@ def run_ppl(args: argparse.Namespace) -> int:
 def _speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (sliced/pruned too) or Hugging Face id")
     p.add_argument("--text", default="great-expectations", help="text the prompts are cut from")
-    p.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
-    p.add_argument("--batch-sizes", default="1,16", help="comma-separated generation batch sizes")
+    p.add_argument("--prompt", type=positive_int, default=128, help="prompt length in tokens")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens generated per prompt")
+    p.add_argument("--batch-sizes", type=positive_ints, default=[1, 16], help="comma-separated generation batch sizes")
     p.add_argument("--json", action="store_true", help="print one JSON line (for scripts)")
 
 
@@ -288,9 +352,7 @@ def run_speed(args: argparse.Namespace) -> int:
     from helpers.speed import device_name, generation_speed, prefill_throughput
     from helpers.textdata import load_windows
 
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError(f"--batch-sizes needs positive integers, got {args.batch_sizes!r}.")
+    batch_sizes = args.batch_sizes
     model, tokenizer = load_model(args.model)
     prompts = load_windows(tokenizer, args.text, args.prompt, max(batch_sizes))
     row = {"device": device_name(model.device), "params": ledger_totals(parameter_ledger(model))["total"]}
@@ -309,7 +371,7 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="reduced: < 30 min on 2 CPU cores")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default figures/)")
+    p.add_argument("--out", type=Path, default=None, help="output folder: new, empty or an earlier reproduce output")
     p.add_argument("--no-depth", action="store_true", help="skip the depth-pruning comparison")
 
 
@@ -328,9 +390,77 @@ def run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outputs(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
+    """Every path the command will write that the user named, with its kind (None: a file)."""
+    from helpers.storage import FIGURE_SUFFIXES, figure_stem
+
+    out = getattr(args, "out", None)
+    if out is None or args.command == "reproduce":
+        return []
+    paths = [(out, args.out_kind)]
+    if args.command == "lr" or (args.command == "allocate" and args.plot is True):
+        paths += [(figure_stem(out).with_suffix(s), None) for s in FIGURE_SUFFIXES]
+    if args.command == "allocate" and isinstance(args.plot, str):
+        paths += [(Path(args.plot).with_suffix(s), None) for s in FIGURE_SUFFIXES]
+    if args.command == "prune" and args.replacement != "none":
+        paths += [(_loss_plot(out).with_suffix(s), None) for s in FIGURE_SUFFIXES]
+    return paths
+
+
+def _check_text(name: str | None, flag: str) -> None:
+    """A text argument must be a known name or an existing file (not a folder)."""
+    from helpers.textdata import text_sources
+
+    if name is None or name in text_sources():
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {name} is a folder; give a .txt file or one of {', '.join(text_sources())}.")
+    if not path.is_file():
+        raise ValueError(f"Unknown text {name!r} for {flag}: use a .txt file or one of {', '.join(text_sources())}.")
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Check every argument, input, output path and the device before any model loads or computing starts."""
+    from transformers import AutoConfig
+
+    from helpers.integrity import check_calibration_tokens, check_device
+    from helpers.models import UnknownModelError, resolve_model
+    from helpers.storage import check_not_input, check_output
+
+    if os.environ.get("HELPERS_DEVICE"):
+        check_device(os.environ["HELPERS_DEVICE"], "HELPERS_DEVICE")
+    if getattr(args, "device", None):
+        check_device(args.device, "--device")
+    for flag in ("text", "calib", "lr_text"):
+        _check_text(getattr(args, flag, None), "--" + flag.replace("_", "-"))
+    lr_file = getattr(args, "lr", None)
+    if lr_file is not None and not lr_file.is_file():
+        raise ValueError(f"--lr {lr_file} is {'a folder' if lr_file.is_dir() else 'missing'}; give an LR CSV file.")
+    out = getattr(args, "out", None)
+    foreign = out is not None and out.exists() and not (out / "manifest.json").is_file()
+    if args.command == "reproduce" and foreign and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {args.out} is not empty and not an earlier reproduce output (no manifest.json).")
+    inputs = [getattr(args, k, None) for k in ("model", "text", "calib", "lr_text", "lr")]
+    for path, kind in _outputs(args):
+        check_output(path, args.overwrite, kind)
+        check_not_input(path, *inputs)
+    if getattr(args, "model", None) is not None:
+        source = resolve_model(args.model)
+        if Path(source).exists() and not (Path(source) / "config.json").is_file():
+            raise ValueError(f"--model {args.model} is a folder without config.json, not a saved model.")
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise UnknownModelError(f"Could not read a config for --model {args.model!r}: {err}") from err
+        if args.command == "slice":
+            tokens = args.calib_seqlen * args.calib_windows
+            check_calibration_tokens(tokens, config.hidden_size, args.allow_few_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser = Parser(prog="python -m helpers", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details; show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, func) in COMMANDS.items():
         p = sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0])
@@ -340,10 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    """Run one command; any error is one line on stderr and exit code 2 (a traceback only with -v)."""
+    verbose = False
     try:
+        args = build_parser().parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+        preflight(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted; any output being written was discarded, earlier outputs are intact", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if verbose:
+            raise
+        label = "" if isinstance(err, (ValueError, FileNotFoundError)) else f"{type(err).__name__}: "
+        print(f"error: {label}{' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
         return 2

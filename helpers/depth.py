@@ -15,7 +15,7 @@ next to a `pruning.json`; `helpers.models.load_model` routes such folders here.
 
 from __future__ import annotations
 
-import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +25,22 @@ import pandas as pd
 import torch
 from torch import nn
 
+from helpers import capture
 from helpers.adapters import get_adapter
 from helpers.capture import LayerStatistic, stream_statistics
+from helpers.integrity import (
+    CHECKSUM_FIELD,
+    IntegrityError,
+    code_fingerprint,
+    discard,
+    folder_checksums,
+    read_metadata,
+    sha256_text,
+    verify_checksums,
+    weights_fingerprint,
+)
 from helpers.redundancy import NAN_COSINE
-from helpers.storage import CACHE_DIR, atomic_path, slug, write_json_atomic
+from helpers.storage import CACHE_DIR, atomic_path, cache_key, slug, write_json_atomic
 
 METHODS = ("shortgpt", "gromov", "streamline")
 PRUNING_FILE = "pruning.json"
@@ -212,15 +224,33 @@ def cached_block_scores(
     tokenizer=None,
 ) -> BlockScores:
     """`block_scores` for (model, text, seqlen, windows), computed once and cached under data/cache/depth."""
-    path = CACHE_DIR / "depth" / f"{slug(model_name)}__{slug(text)}__L{seqlen}__N{n_windows}.npz"
-    if path.exists():
-        return BlockScores.load(path)
-    from helpers.models import load_model
-    from helpers.textdata import load_windows
+    from transformers import AutoConfig
 
+    from helpers.models import load_model, resolve_model
+    from helpers.textdata import load_text, token_windows
+
+    corpus = load_text(text)
+    source = resolve_model(model_name)
+    key = cache_key(
+        text=sha256_text(corpus),
+        weights=weights_fingerprint(source),
+        code=code_fingerprint(sys.modules[__name__], capture),
+        seqlen=seqlen,
+        windows=n_windows,
+    )
+    path = CACHE_DIR / "depth" / f"{slug(model_name)}__{slug(text)}__L{seqlen}__N{n_windows}__{key}.npz"
+    if path.exists():
+        try:
+            scores = BlockScores.load(path)
+            n_layers = AutoConfig.from_pretrained(source).num_hidden_layers
+            if scores.cos_all.shape != (n_layers + 1, n_layers + 1) or not np.all(np.isfinite(scores.lr())):
+                raise ValueError(f"expected {n_layers + 1} x {n_layers + 1} finite scores")
+            return scores
+        except Exception as err:  # any unreadable or inconsistent entry is recomputed
+            discard(path, f"{type(err).__name__}: {err}")
     if model is None:
         model, tokenizer = load_model(model_name)
-    scores = block_scores(model, load_windows(tokenizer, text, seqlen, n_windows), batch_size, progress=progress)
+    scores = block_scores(model, token_windows(tokenizer, corpus, seqlen, n_windows), batch_size, progress=progress)
     scores.save(path)
     return scores
 
@@ -281,11 +311,11 @@ def parameter_count(model: nn.Module) -> int:
 def save_pruned(model: nn.Module, tokenizer, folder: str | Path, info: dict) -> Path:
     """Save a pruned model (weights, tokenizer, `pruning.json` with `info`) as one atomic folder."""
     folder = Path(folder)
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder, kind="pruned") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / PRUNING_FILE, info)
+        write_json_atomic(tmp / PRUNING_FILE, {**info, CHECKSUM_FIELD: folder_checksums(tmp)})  # verified on load
     return folder
 
 
@@ -294,8 +324,13 @@ def load_pruned(folder: str | Path, device: torch.device | str | None = None, dt
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
-    info = json.loads((folder / PRUNING_FILE).read_text())
+    info = read_metadata(folder / PRUNING_FILE, {}, {"replacement": "dict|null", CHECKSUM_FIELD: "dict"})
+    verify_checksums(folder, PRUNING_FILE, info.get(CHECKSUM_FIELD, {}))
     replacement = info.get("replacement") or {}
+    if replacement.get("kind") in ("ffn", "swiglu") and not all(
+        isinstance(replacement.get(k), int) for k in ("position", "hidden")
+    ):
+        raise IntegrityError(f"{folder / PRUNING_FILE}: field 'replacement' needs integer 'position' and 'hidden'.")
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
     if replacement.get("kind") in ("ffn", "swiglu"):
         from safetensors.torch import load_file

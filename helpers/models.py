@@ -17,7 +17,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from helpers.adapters import get_adapter
-from helpers.storage import DATA_DIR, atomic_path
+from helpers.integrity import (
+    IntegrityError,
+    check_device,
+    check_safetensors,
+    discard,
+    file_sha256,
+    read_metadata,
+)
+from helpers.storage import DATA_DIR, atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +62,10 @@ class MissingWheelError(RuntimeError):
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """CUDA when available unless `device` (or env HELPERS_DEVICE) forces one."""
-    device = device or os.environ.get("HELPERS_DEVICE")
     if device:
-        return torch.device(device)
+        return check_device(device)
+    if os.environ.get("HELPERS_DEVICE"):
+        return check_device(os.environ["HELPERS_DEVICE"], "HELPERS_DEVICE")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -73,11 +82,47 @@ def _gguf_path(spec: WheelModel) -> Path:
     return path
 
 
+CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+CACHE_RECORD = "weights.json"  # SHA-256, size and mtime of model.safetensors, written with the cache
+
+
+def _record_weights(folder: Path) -> None:
+    """Write the checksum record of a model cache's weights (hashed once; later checks compare size and mtime)."""
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    record = {"sha256": file_sha256(weights), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    write_json_atomic(folder / CACHE_RECORD, record)
+
+
+def check_model_cache(folder: Path) -> None:
+    """Raise IntegrityError naming the problem when a dequantised model cache is incomplete or damaged."""
+    for name in CACHE_FILES:
+        if not (folder / name).is_file():
+            raise IntegrityError(f"{folder / name} is missing")
+    weights = folder / "model.safetensors"
+    check_safetensors(weights)
+    if not (folder / CACHE_RECORD).is_file():  # a cache from before records existed: hash it once now
+        _record_weights(folder)
+        return
+    record = read_metadata(folder / CACHE_RECORD, {"sha256": "str", "size": "int", "mtime_ns": "int"})
+    stat = weights.stat()
+    if stat.st_size != record["size"]:
+        raise IntegrityError(f"{weights} has {stat.st_size} bytes, {record['size']} when it was written")
+    if stat.st_mtime_ns != record["mtime_ns"]:  # touched since written: compare the bytes
+        if file_sha256(weights) != record["sha256"]:
+            raise IntegrityError(f"{weights} does not match its recorded SHA-256")
+        _record_weights(folder)
+
+
 def _cache_wheel_model(name: str, spec: WheelModel) -> Path:
-    """Dequantise the GGUF once and save it as safetensors; return the folder."""
+    """Dequantise the GGUF once and save it as safetensors; return the folder (rebuilt when damaged)."""
     folder = MODELS_DIR / name
-    if (folder / "config.json").exists():
-        return folder
+    if folder.exists():
+        try:
+            check_model_cache(folder)
+            return folder
+        except (OSError, ValueError) as err:
+            discard(folder, str(err))
     gguf = _gguf_path(spec)
     log.info("Dequantising %s once (about 20 s); cached at %s", gguf.name, folder)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -87,9 +132,10 @@ def _cache_wheel_model(name: str, spec: WheelModel) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder, kind="model-cache") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _record_weights(tmp)
     return folder
 
 

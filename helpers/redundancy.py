@@ -7,6 +7,7 @@ Block Influence is BI_i = 1 - LR_i; the normalised score min-max scales LR to
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from helpers import capture
 from helpers.capture import LayerStatistic, stream_statistics
+from helpers.integrity import code_fingerprint, discard, sha256_text, weights_fingerprint
 from helpers.storage import CACHE_DIR, cache_key, slug, write_csv_atomic
 
 NAN_COSINE = 0.5  # the reference code counts a NaN cosine (a zero vector) as 0.5
@@ -78,12 +81,33 @@ def layer_redundancy(
 
 
 def lr_cache_path(model_name: str, text: str, seqlen: int, n_windows: int) -> Path:
-    """Where the LR table for these settings is cached."""
-    text_path = Path(text).expanduser()
-    if text_path.is_file():  # a file: its name plus a hash of where it is and how big
-        text = f"{text_path.stem}-{cache_key(path=str(text_path.resolve()), size=text_path.stat().st_size)[:8]}"
-    name = f"{slug(model_name)}__{slug(text)}"
-    return CACHE_DIR / "lr" / f"{name}__L{seqlen}__N{n_windows}.csv"
+    """Where the LR table for these settings is cached: keyed by text content, weights, settings and code."""
+    from helpers.models import resolve_model
+    from helpers.textdata import load_text
+
+    key = cache_key(
+        text=sha256_text(load_text(text)),
+        weights=weights_fingerprint(resolve_model(model_name)),
+        code=code_fingerprint(sys.modules[__name__], capture),
+        seqlen=seqlen,
+        windows=n_windows,
+    )
+    name = f"{slug(model_name)}__{slug(Path(text).stem if Path(text).suffix else text)}"
+    return CACHE_DIR / "lr" / f"{name}__L{seqlen}__N{n_windows}__{key}.csv"
+
+
+def read_lr_cache(path: Path, n_layers: int) -> pd.DataFrame | None:
+    """A cached LR table if it is complete and finite with `n_layers` rows; a bad one is reported and removed."""
+    try:
+        table = pd.read_csv(path)
+        if list(table.columns) != ["layer", "lr", "bi", "lr_norm"] or table["layer"].tolist() != list(range(n_layers)):
+            raise ValueError(f"expected columns layer, lr, bi, lr_norm and {n_layers} layers")
+        if not np.all(np.isfinite(table[["lr", "bi", "lr_norm"]].to_numpy(dtype=np.float64))):
+            raise ValueError("non-finite values")
+        return table
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        discard(path, str(err))
+        return None
 
 
 def cached_layer_redundancy(
@@ -97,15 +121,21 @@ def cached_layer_redundancy(
 ) -> pd.DataFrame:
     """LR table for (model, text, seqlen, windows), computed once and cached on disk atomically.
 
-    Pass `loaded=(model, tokenizer)` to reuse a model already in memory (it must be `model_name`).
+    Every read is validated (columns, layer count, finite values); a bad entry is
+    removed and recomputed. Pass `loaded=(model, tokenizer)` to reuse a model
+    already in memory (it must be `model_name`).
     """
-    path = lr_cache_path(model_name, text, seqlen, n_windows)
-    if path.exists():
-        return pd.read_csv(path)
-    from helpers.models import load_model
+    from transformers import AutoConfig
+
+    from helpers.models import load_model, resolve_model
     from helpers.textdata import load_text, token_windows
 
     corpus = load_text(text)  # a bad text name fails before the model loads
+    path = lr_cache_path(model_name, text, seqlen, n_windows)
+    if path.exists():
+        table = read_lr_cache(path, AutoConfig.from_pretrained(resolve_model(model_name)).num_hidden_layers)
+        if table is not None:
+            return table
     model, tokenizer = loaded or load_model(model_name)
     ids = token_windows(tokenizer, corpus, seqlen, n_windows)
     table = layer_redundancy(model, ids, batch_size, progress=progress)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from helpers.adapters import get_adapter
 from helpers.capture import layer_hooks
 from helpers.depth import BlockScores, remove_layers, renumber_layers
+from helpers.integrity import discard, tensor_fingerprint
 from helpers.storage import CACHE_DIR, atomic_path, cache_key
 
 KINDS = ("ffn", "swiglu", "layer")
@@ -83,7 +84,10 @@ def capture_block_pairs(
     _check_block(model, start, n)
     folder = Path(folder)
     if folder.exists():
-        return folder
+        problem = _pairs_problem(folder, input_ids, batch_size, model.config.hidden_size)
+        if problem is None:
+            return folder
+        discard(folder, problem)
     backbone = get_adapter(model).backbone(model)
     device = next(model.parameters()).device
     pair: dict[str, torch.Tensor] = {}
@@ -94,7 +98,7 @@ def capture_block_pairs(
         if index == start + n - 1:
             pair["x_out"] = x_out.detach().float().cpu()
 
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder, kind="block-pairs") as tmp:
         tmp.mkdir()
         with torch.inference_mode(), layer_hooks(model, keep):
             for k, first in enumerate(
@@ -104,6 +108,24 @@ def capture_block_pairs(
                 torch.save(dict(pair), tmp / f"pairs_{k:05d}.pt")
                 pair.clear()
     return folder
+
+
+def _pairs_problem(folder: Path, input_ids: torch.Tensor, batch_size: int, hidden_size: int) -> str | None:
+    """Why a cached shard folder cannot be used (wrong shard count, unreadable, wrong shape), or None."""
+    shards = sorted(folder.glob("pairs_*.pt"))
+    expected = math.ceil(len(input_ids) / batch_size)
+    if len(shards) != expected:
+        return f"{len(shards)} shards, expected {expected}"
+    for k, shard in enumerate(shards):
+        rows = min(batch_size, len(input_ids) - k * batch_size)
+        shape = (rows, input_ids.shape[1], hidden_size)
+        try:
+            pair = torch.load(shard, mmap=True, weights_only=True)  # mapped: checks without reading the data
+            if any(tuple(pair[key].shape) != shape for key in ("x_in", "x_out")):
+                return f"{shard.name} does not hold two {shape} tensors"
+        except Exception as err:  # any unreadable shard: recompute the folder
+            return f"{shard.name}: {type(err).__name__}: {err}"
+    return None
 
 
 def iter_pairs(folder: str | Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -197,8 +219,7 @@ def train_replacement(
     module = make_replacement(model, kind, start, n, hidden, init_from)
     key = cache_key(
         model=str(getattr(model, "name_or_path", "")),
-        params=sum(p.numel() for p in model.parameters()),
-        probe=float(next(model.parameters()).detach().flatten()[:64].sum()),
+        weights=tensor_fingerprint(model),
         start=start,
         n=n,
         train=train_ids.tolist(),

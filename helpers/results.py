@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from helpers.integrity import discard
 from helpers.storage import CACHE_DIR, cache_key, write_json_atomic
 
 PACKAGES = ("torch", "transformers", "numpy", "pandas", "matplotlib")
@@ -43,8 +44,18 @@ class CellCache:
         return self.folder / f"{cache_key(**params)}.json"
 
     def get(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The cached result, or None when absent; an unreadable entry is reported, removed and so recomputed."""
         path = self.path(params)
-        return json.loads(path.read_text())["result"] if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            result = json.loads(path.read_text())["result"]
+            if not isinstance(result, dict):
+                raise TypeError(f"result is {type(result).__name__}, not an object")
+            return result
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            discard(path, f"{type(err).__name__}: {err}")
+            return None
 
     def get_or_compute(self, params: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Return the cached result for `params`, or compute, store atomically and return it."""

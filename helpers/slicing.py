@@ -32,11 +32,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from helpers.adapters import ModelAdapter, get_adapter
+from helpers.integrity import (
+    CHECKSUM_FIELD,
+    check_calibration_tokens,
+    folder_checksums,
+    read_metadata,
+    verify_checksums,
+)
 from helpers.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+SLICING_SCHEMA = {"format_version": "int", "hidden_size": "int", "dims": "ints", "tied": "bool"}
 DAMPING = 0.01  # fraction of the mean eigenvalue added to the covariance diagonal
 
 
@@ -310,6 +318,7 @@ def rotate_and_slice(
     dims = check_dims(dims, n_layers, d)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
+    check_calibration_tokens(input_ids.numel(), d, allow_few=True)  # a loud warning; the CLI refuses
     ships_tied = adapter.tied(model)
     tied = ships_tied if tied is None else bool(tied)
     if tied and not ships_tied:
@@ -486,7 +495,7 @@ def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     if info is None:
         raise ValueError("This model has not been sliced (no slicing_info); run rotate_and_slice first.")
     folder = Path(folder)
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder, kind="sliced") as tmp:
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / "model.safetensors"))
         model.config.save_pretrained(tmp)
@@ -499,6 +508,7 @@ def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
             "dims": info.dims,
             "tied": info.tied,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            CHECKSUM_FIELD: folder_checksums(tmp),  # verified on load
         }
         (tmp / "slicing.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder
@@ -517,9 +527,10 @@ def load_sliced(
     meta_path = folder / "slicing.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{folder} has no slicing.json: not a sliced model saved by save_sliced.")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder} uses slicing format {meta.get('format_version')}; expected {FORMAT_VERSION}.")
+    meta = read_metadata(meta_path, SLICING_SCHEMA, {CHECKSUM_FIELD: "dict"})
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{folder} uses slicing format {meta['format_version']}; expected {FORMAT_VERSION}.")
+    verify_checksums(folder, "slicing.json", meta.get(CHECKSUM_FIELD, {}))
     config = AutoConfig.from_pretrained(folder)
     get_adapter(config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

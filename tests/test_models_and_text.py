@@ -97,11 +97,17 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
     assert target.read_text() == "whole"
 
 
-def test_atomic_folder_replaces_old_folder(tmp_path):
+def test_atomic_folder_replaces_only_its_own_kind(tmp_path):
     folder = tmp_path / "model"
     for content in ("first", "second"):
-        with storage.atomic_path(folder) as tmp:
+        with storage.atomic_path(folder, kind="model") as tmp:
             tmp.mkdir()
             (tmp / "weights").write_text(content)
     assert (folder / "weights").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with (
+        pytest.raises(storage.OutputExistsError, match="did not write as a pruned output"),
+        storage.atomic_path(folder, kind="pruned") as tmp,
+    ):
+        tmp.mkdir()
+    assert (folder / "weights").read_text() == "second"

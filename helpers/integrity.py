@@ -1,0 +1,211 @@
+"""Checks that keep results honest: content fingerprints for cache keys, weight checksums, metadata and device checks.
+
+A cache key built from names goes stale when a file changes under the same name,
+so keys here hash content: the text itself, the model's weights (safetensors
+header, sizes and sampled blocks), the settings and the source of the code that
+computes the value. Saved models record a SHA-256 of every file they hold and
+are verified against it on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FULL_HASH_LIMIT = 16 << 20  # weight files up to 16 MiB are hashed whole
+SAMPLE_BLOCKS, SAMPLE_SIZE = 64, 64 << 10  # larger ones: header, size and 64 blocks of 64 KiB spread evenly
+CHECKSUM_FIELD = "checksums"
+
+
+class IntegrityError(ValueError):
+    """Raised when a saved file does not match what was recorded about it."""
+
+
+def sha256_text(text: str) -> str:
+    """SHA-256 of a text (the cache key of a calibration or evaluation text)."""
+    return hashlib.sha256(text.encode("utf-8", errors="replace")).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _safetensors_fingerprint(path: Path, digest: Any) -> None:
+    """Feed a safetensors file into `digest`: whole if small, else header, size and sampled blocks."""
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as handle:
+        if size <= FULL_HASH_LIMIT:
+            digest.update(handle.read())
+            return
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        digest.update(handle.read(min(header_len, size - 8)))
+        for k in range(SAMPLE_BLOCKS):
+            handle.seek(k * (size - SAMPLE_SIZE) // (SAMPLE_BLOCKS - 1))
+            digest.update(handle.read(SAMPLE_SIZE))
+
+
+def weights_fingerprint(source: str) -> str:
+    """Fingerprint of a model folder's config and weights, or the id itself for a hub model (not on disk)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return sha256_text(source)
+    digest = hashlib.sha256()
+    for name in ("config.json", "slicing.json", "pruning.json"):
+        if (folder / name).is_file():
+            digest.update((folder / name).read_bytes())
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        _safetensors_fingerprint(path, digest)
+    return digest.hexdigest()
+
+
+def tensor_fingerprint(model: torch.nn.Module) -> str:
+    """Fingerprint of a model in memory: every parameter's name, shape and float64 sum (any retraining moves them)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            digest.update(f"{name}:{tuple(p.shape)}:{p.sum(dtype=torch.float64).item():.17g}".encode())
+    return digest.hexdigest()[:16]
+
+
+def code_fingerprint(*modules: ModuleType) -> str:
+    """Hash of the source of the modules that compute a cached value: edited code invalidates its cache."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()[:16]
+
+
+def folder_checksums(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every regular file directly in `folder` (hidden files and `skip` left out)."""
+    folder = Path(folder)
+    return {
+        p.name: file_sha256(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(".") and p.name not in skip
+    }
+
+
+def verify_checksums(folder: str | os.PathLike, meta_file: str, recorded: dict[str, str]) -> None:
+    """Compare every file listed in `meta_file` with its recorded SHA-256; IntegrityError names the first bad one."""
+    folder = Path(folder)
+    for name, expected in sorted(recorded.items()):
+        path = folder / name
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing (listed in {folder / meta_file}).")
+        if file_sha256(path) != expected:
+            raise IntegrityError(
+                f"{path} does not match the checksum in {folder / meta_file}: the file is damaged or was changed."
+            )
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Check that a safetensors file has a readable header and exactly the bytes it declares (no truncation)."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_len)) if 8 + header_len <= size else None
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IntegrityError(f"{path} has no readable safetensors header ({err}).") from err
+    if not isinstance(header, dict):
+        raise IntegrityError(f"{path} has no readable safetensors header.")
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + header_len + end:
+        raise IntegrityError(f"{path} holds {size} bytes but its header declares {8 + header_len + end}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", _is_int),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "dict": ("an object", lambda v: isinstance(v, dict)),
+    "ints": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(x) for x in v)),
+    "dict|null": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+}
+
+
+def read_metadata(path: str | os.PathLike, schema: dict[str, str], optional: dict[str, str] | None = None) -> dict:
+    """Read a JSON metadata file and check every field's presence and type; errors name the file and the field."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IntegrityError(f"{path} is not valid JSON ({err}).") from err
+    if not isinstance(meta, dict):
+        raise IntegrityError(f"{path} must hold a JSON object, got {type(meta).__name__}.")
+    for field, kind in {**schema, **(optional or {})}.items():
+        if field not in meta:
+            if field in schema:
+                raise IntegrityError(f"{path}: field {field!r} is missing.")
+            continue
+        description, ok = FIELD_TYPES[kind]
+        if not ok(meta[field]):
+            raise IntegrityError(f"{path}: field {field!r} must be {description}, got {meta[field]!r:.60}.")
+    return meta
+
+
+def discard(path: str | os.PathLike, reason: str) -> None:
+    """Report a bad cache entry in one line and remove it, so the caller recomputes it."""
+    path = Path(path)
+    log.warning("cache entry %s is unusable (%s); removed, recomputing.", path, reason)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def check_device(spec: str | torch.device, origin: str = "device") -> torch.device:
+    """Parse a device and check this machine has it; a one-line ValueError otherwise."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{origin}={spec!r} is not a device; use cpu, cuda, cuda:N or mps.") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{origin}={spec!r} asks for CUDA, but this machine has no usable CUDA GPU; use cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{origin}={spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{origin}={spec!r} asks for Apple MPS, which this machine does not have; use cpu.")
+    elif device.type not in ("cpu", "cuda", "mps", "meta"):  # meta: shapes only, for tests
+        raise ValueError(f"{origin}={spec!r} is not supported here; use cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def check_calibration_tokens(tokens: int, hidden_size: int, allow_few: bool = False) -> None:
+    """Refuse (or with `allow_few` warn loudly) when calibration tokens < hidden size: a rank-deficient covariance."""
+    if tokens >= hidden_size:
+        return
+    message = (
+        f"Only {tokens} calibration tokens for hidden size {hidden_size}: the covariance is rank-deficient and "
+        f"the slices overfit the calibration text. Use at least {hidden_size} tokens (windows x seqlen)."
+    )
+    if not allow_few:
+        raise ValueError(message + " Pass --allow-few-tokens to slice anyway.")
+    log.warning("WARNING: %s", message)
