@@ -328,6 +328,25 @@ def run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _book_args(p: argparse.ArgumentParser) -> None:
+    from helpers.book import DEFAULT_OUT, MODES
+
+    p.add_argument("--mode", choices=sorted(MODES), default="reduced", help="fast: HELPERS_FAST=1, as CI runs it")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="build folder (the site lands in OUT/_build/html)")
+
+
+@command("book", _book_args)
+def run_book(args: argparse.Namespace) -> int:
+    """Execute every lesson once and build the static site (Jupyter Book) with the gallery and tables."""
+    from helpers.book import build
+
+    report = build(args.mode, args.out)
+    for name, seconds in report.seconds.items():
+        print(f"{name}: {seconds:.0f} s" + "".join(f"\n  {e}" for e in report.errors.get(name, [])))
+    print(f"site: {report.html / 'index.html'}")
+    return 1 if any(report.errors.values()) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
