@@ -301,6 +301,7 @@ def plot_perplexity_comparison(cells: pd.DataFrame, best: pd.DataFrame) -> plt.F
         left.plot(group["sb"], group["ppl_eval"], marker="o", ms=4, label=f"SP = {sp:.2f}")
     left.set_xlabel("SB (base slice; SB = SP is constant slicing)")
     left.set_ylabel("perplexity (held-out book)")
+    left.set_title("Perplexity against SB")
     left.legend(fontsize=8)
     dense = float(cells.loc[cells["method"] == "dense", "ppl_eval"].iloc[0])
     constant = sliced[sliced["method"] == "constant"].set_index("sp")["ppl_eval"]
@@ -314,6 +315,7 @@ def plot_perplexity_comparison(cells: pd.DataFrame, best: pd.DataFrame) -> plt.F
     right.set_xticks(x, [f"{sp:.2f}" for sp in constant.index])
     right.set_xlabel("SP (mean slice)")
     right.set_ylabel("perplexity (held-out book)")
+    right.set_title("Dense, constant and best dynamic")
     right.legend(fontsize=8)
     fig.tight_layout()
     return fig

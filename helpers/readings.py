@@ -7,7 +7,7 @@ it cannot separate the difference from noise; with one it gives the verdict the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -56,7 +56,8 @@ def read_agreement(max_difference: float, spread: float, rank_correlation: float
     )
     return (
         f"The largest difference between the two curves is {max_difference:.4f}, {ratio:.1%} of the spread of LR "
-        f"across layers ({spread:.4f}), and the rank correlation of the layers is {rank_correlation:.3f}: {verdict}. "
+        f"across layers ({spread:.4f}), and the rank correlation of the layers is {rank_correlation:.3f}. "
+        f"In short, {verdict}. "
         "This compares two runs, not many: it shows no interval."
     )
 
@@ -123,11 +124,22 @@ def read_speed(dense_tokens_per_s: float, sliced_tokens_per_s: float, kept_param
     return text + ". One timing per model: repeat it, interleaved with the dense model, before trusting it."
 
 
-def read_results_table(table: pd.DataFrame, tasks: Sequence[str], questions: int | None) -> str:
+def read_results_table(
+    table: pd.DataFrame,
+    tasks: Sequence[str],
+    questions: int | None,
+    accuracy_intervals: Mapping[float, Interval] | None = None,
+    perplexity_intervals: Mapping[float, Interval] | None = None,
+    task_intervals: Mapping[tuple[str, float, str], Interval] | None = None,
+) -> str:
     """Read the paper-style table (rows dense, then constant and dynamic per SP) as a Markdown list.
 
     `questions` is the number per task (None: whole splits), used to express gaps in questions.
+    The optional intervals (paired, 95%) are keyed by SP for dynamic - constant average accuracy and
+    perplexity, and by (method, SP, task) for a compressed model's accuracy - the dense model's.
     """
+    accuracy_intervals, perplexity_intervals = accuracy_intervals or {}, perplexity_intervals or {}
+    task_intervals = task_intervals or {}
     dense = table[table["method"] == "dense"].iloc[0]
     lines = []
     for sp, rows in table[table["method"] != "dense"].groupby("sp"):
@@ -135,10 +147,22 @@ def read_results_table(table: pd.DataFrame, tasks: Sequence[str], questions: int
         if {"constant", "dynamic"} <= set(by_method.index):
             const, dyn = by_method.loc["constant"], by_method.loc["dynamic"]
             acc = read_difference(
-                "dynamic", dyn["average"], "constant", const["average"], higher_is_better=True, what="average accuracy"
+                "dynamic",
+                dyn["average"],
+                "constant",
+                const["average"],
+                higher_is_better=True,
+                what="average accuracy",
+                interval=accuracy_intervals.get(sp),
             )
             ppl = read_difference(
-                "dynamic", dyn["ppl_eval"], "constant", const["ppl_eval"], higher_is_better=False, what="perplexity"
+                "dynamic",
+                dyn["ppl_eval"],
+                "constant",
+                const["ppl_eval"],
+                higher_is_better=False,
+                what="perplexity",
+                interval=perplexity_intervals.get(sp),
             )
             lines.append(f"- **SP = {sp:.2f}** (dynamic SB = {dyn['sb']:.2f}): {acc} {ppl}")
     if questions:
@@ -146,7 +170,8 @@ def read_results_table(table: pd.DataFrame, tasks: Sequence[str], questions: int
             for task in tasks:
                 if row[task] > dense[task]:
                     label = f"{row['method']} at SP = {row['sp']:.2f} on {task}"
-                    reading = read_accuracy(label, row[task], dense[task], questions, chance=CHANCE.get(task, 0.0))
+                    interval = task_intervals.get((row["method"], row["sp"], task))
+                    reading = read_accuracy(label, row[task], dense[task], questions, interval, CHANCE.get(task, 0.0))
                     lines.append(f"- Above dense: {reading}")
     return "\n".join(lines) if lines else "The table has no compressed rows to read."
 

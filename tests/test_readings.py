@@ -57,6 +57,8 @@ def test_results_table_reading_compares_within_each_sp():
     text = read_results_table(table, tasks, 40)
     assert "SP = 0.30" in text and "dynamic 0.750 against constant 0.550" in text
     assert "Above dense: dynamic at SP = 0.30 on piqa" in text and "about 2 of 40" in text
+    paired = read_results_table(table, tasks, 40, accuracy_intervals={0.3: (0.05, 0.35)})
+    assert "[+0.050, +0.350], excludes 0: constant is worse" in paired
 
 
 def test_constant_vs_dynamic_picks_the_constant_and_the_best_rows():
