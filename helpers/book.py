@@ -43,7 +43,8 @@ def lesson_paths() -> list[Path]:
 
 def mode_banner(mode: str) -> str:
     """The line every page carries, saying which mode built it."""
-    return f"*Built in {MODES[mode]}; `make book` builds it again.*"
+    target = "book-fast" if mode == "fast" else "book"
+    return f"*Built in {MODES[mode]}; `make {target}` builds it again.*"
 
 
 def execute_lesson(path: Path, out: Path, mode: str, figures_dir: Path) -> list[str]:
@@ -160,7 +161,8 @@ def build(mode: str = "reduced", out: Path = DEFAULT_OUT, figures: Path = FIGURE
         shutil.rmtree(out)
     report = stage(out / "src", mode, figures)
     start = time.perf_counter()
-    command = [sys.executable, "-m", "jupyter_book.cli.main", "build", str(out / "src"), "--path-output", str(out)]
+    cli = "from jupyter_book.cli.main import main; main()"  # the package has no __main__
+    command = [sys.executable, "-c", cli, "build", str(out / "src"), "--path-output", str(out)]
     done = subprocess.run(command, capture_output=True, text=True)
     report.seconds["jupyter-book"] = time.perf_counter() - start
     if done.returncode != 0:
