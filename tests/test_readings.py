@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers.allocation import ModelShape, dense_param_count, savings_table
 from helpers.readings import outlier_layers, read_accuracy, read_difference, read_lr_profile, read_results_table
 from helpers.slicing import constant_vs_dynamic
 from helpers.textdata import split_windows
@@ -89,3 +90,22 @@ def test_selector_label_is_readable():
         "smollm2-135m: LR on gutenberg, 4 x 64 tokens"
     )
     assert lr_file_label(Path("figures/lr_smollm2-135m.csv")) == "smollm2-135m: LR from figures/lr_smollm2-135m.csv"
+
+
+def test_savings_table_caps_sb_at_sp_and_reports_what_is_removed():
+    shape = ModelShape(
+        vocab_size=100,
+        hidden_size=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        head_dim=16,
+        intermediate_size=128,
+        tied_embeddings=True,
+    )
+    table = savings_table(np.array([0.2, 0.9, 0.95, 0.99]), [0.125, 0.25], 0.5, shape)
+    # SB = 0.5 is capped at SP: constant slicing, 56 and 48 of 64 dimensions in every layer, exactly SP.
+    assert table["SP"].tolist() == [0.125, 0.25] and table["realised mean slice"].tolist() == [0.125, 0.25]
+    dense = dense_param_count(shape)["total"]
+    removed = [f"{1 - n / dense:.1%}" for n in table["parameters"]]
+    assert table["removed (all)"].tolist() == removed and table["parameters"].iloc[1] < table["parameters"].iloc[0]
