@@ -59,6 +59,7 @@ SB = 0.1
 # %matplotlib inline
 import numpy as np
 import pandas as pd
+from IPython.display import display
 
 from helpers.allocation import ModelShape, allocate, allocation_table, dense_param_count, savings_table
 from helpers.plots import plot_allocation
@@ -143,7 +144,9 @@ savings_table(lr["lr"].to_numpy(), [0.1, 0.2, 0.3, 0.4, 0.5], SB, shape)
 
 # %%
 for sp, sb in ((0.3, 0.3), (0.3, 0.1), (0.3, 0.0), (0.5, 0.1)):
-    plot_allocation(allocate(lr["lr"].to_numpy(), sp, sb, shape.hidden_size), title=f"{MODEL}: SP={sp}, SB={sb}")
+    display(
+        plot_allocation(allocate(lr["lr"].to_numpy(), sp, sb, shape.hidden_size), title=f"{MODEL}: SP={sp}, SB={sb}")
+    )
 
 # %% [markdown]
 # ## 6. Sliders (live with a kernel, or served by Voila)
