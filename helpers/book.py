@@ -28,10 +28,9 @@ MODES = {
 
 @dataclass
 class BuildReport:
-    """What a build produced: the site's folder, the executed lessons and their error outputs, seconds taken."""
+    """What a build produced: the site's folder, each executed lesson's error outputs, seconds taken per step."""
 
     html: Path
-    lessons: list[str]
     errors: dict[str, list[str]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -143,7 +142,7 @@ def stage(src: Path, mode: str, figures: Path = FIGURES_DIR) -> BuildReport:
     (src / "gallery.md").write_text(gallery_page(figures, mode))
     (src / "results.md").write_text(results_page(figures, mode))
     (src / "method.md").write_text(method_page(mode))
-    report = BuildReport(html=src.parent / "_build" / "html", lessons=[p.stem for p in lesson_paths()])
+    report = BuildReport(html=src.parent / "_build" / "html")
     scratch = src.parent / "lesson_figures"  # the lessons read the committed tables and write here, not figures/
     shutil.copytree(figures, scratch, dirs_exist_ok=True)
     for path in lesson_paths():

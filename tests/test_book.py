@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
 
-from helpers.book import build, lesson_paths
+from helpers.book import build, gallery_page, lesson_paths
 from helpers.storage import FIGURES_DIR, atomic_path
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -24,7 +25,16 @@ CHROMIUM_ARGS = [
 LESSONS = [path.stem for path in lesson_paths()]
 REFERENCE_PAGES = ["index", "method", "results", "gallery"]
 
-pytestmark = pytest.mark.slow
+
+def test_gallery_lists_every_figure_with_its_manifest_entry(tmp_path):
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"files": {"a.png": {"step": "figure1", "written": "today", "params": {"sp": 0.3}}}})
+    )
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    page = gallery_page(tmp_path, "fast")
+    assert "![a](figures/a.png)" in page and "Step `figure1`, written today: sp = 0.3." in page
+    assert "![b](figures/b.png)" in page and "Not in the manifest" in page and "Built in fast mode" in page
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +44,14 @@ def book(tmp_path_factory):
     return build("fast", tmp_path_factory.mktemp("book") / "book")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lesson", LESSONS)
 def test_lesson_runs_in_fast_mode_without_errors(book, lesson):
     assert lesson in book.errors, f"{lesson} was not executed"
     assert not book.errors[lesson], "\n".join(book.errors[lesson])
 
 
+@pytest.mark.slow
 def test_every_page_is_built_and_says_its_mode(book):
     for name in LESSONS + REFERENCE_PAGES:
         page = book.html / f"{name}.html"
@@ -52,6 +64,7 @@ def internal_targets(hrefs: list[str]) -> list[Path]:
     return [Path(unquote(urlparse(h).path)) for h in hrefs if urlparse(h).scheme == "file"]
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_book_in_chromium(book):
     if not CHROMIUM.exists():
