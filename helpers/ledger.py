@@ -77,3 +77,29 @@ def compression(params: int, dense_params: int) -> float:
     if dense_params <= 0:
         raise ValueError("dense_params must be positive.")
     return 1.0 - params / dense_params
+
+
+def layout_ledger(
+    model: nn.Module, calib_ids, fractions: list[float], reuse: dict[float, nn.Module] | None = None
+) -> pd.DataFrame:
+    """Totals of the dense model and of constant slicings at `fractions`, tied and untied; `removed` vs dense.
+
+    `reuse` maps a fraction to a model already sliced (tied) at it, so that it is not sliced twice.
+    """
+    import copy
+
+    from helpers.slicing import constant_dims, rotate_and_slice, untie_sliced
+
+    dense = ledger_totals(parameter_ledger(model))
+    rows = [{"slice": 0.0, "layout": "dense", **dense}]
+    for fraction in fractions:
+        tied = (reuse or {}).get(fraction)
+        if tied is None:
+            tied = copy.deepcopy(model)
+            rotate_and_slice(tied, calib_ids, constant_dims(tied, fraction), progress=False)
+        untied = untie_sliced(copy.deepcopy(tied))
+        for layout, sliced in (("untied", untied), ("tied", tied)):
+            rows.append({"slice": fraction, "layout": layout, **ledger_totals(parameter_ledger(sliced))})
+    table = pd.DataFrame(rows)
+    table["removed"] = [f"{compression(n, dense['total']):+.1%}" for n in table["total"]]
+    return table

@@ -48,12 +48,15 @@ def save_figure(fig: plt.Figure, path: str | Path) -> list[Path]:
 
 
 def plot_lr_curve(table: pd.DataFrame, title: str = "", ax: plt.Axes | None = None) -> plt.Figure:
-    """LR score and normalised score per layer (the left panel of the paper's Figure 1)."""
+    """LR score (bars) and normalised score (line) per layer (the left panel of the paper's Figure 1).
+
+    Bars and a line, because the two are an affine map of each other and would lie on top of each other as lines.
+    """
     use_style()
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(table["layer"], table["lr"], marker="o", ms=3, color=COLORS["lr"], label="LR score")
-    ax.plot(table["layer"], table["lr_norm"], marker="s", ms=3, color=COLORS["lr_norm"], label="normalised LR")
+    ax.bar(table["layer"], table["lr"], color=COLORS["lr"], alpha=0.35, label="LR score")
+    ax.plot(table["layer"], table["lr_norm"], marker="o", ms=4, color=COLORS["lr_norm"], label="normalised LR")
     ax.set_xlabel("layer")
     ax.set_ylabel("score")
     ax.set_title(title or "Layer Redundancy")
@@ -72,17 +75,18 @@ def plot_bi_ranking(table: pd.DataFrame, ax: plt.Axes | None = None) -> plt.Figu
     ax.set_yscale("log")
     ax.set_xlabel("layer (sorted by Block Influence, least important first)")
     ax.set_ylabel("BI = 1 - LR")
+    ax.set_title("Block Influence per layer, ranked")
     return ax.figure
 
 
 def plot_heatmap(
-    matrix: np.ndarray, title: str, xlabel: str, ylabel: str, ax: plt.Axes | None = None, **kw
+    matrix: np.ndarray, title: str, xlabel: str, ylabel: str, cbar_label: str, ax: plt.Axes | None = None, **kw
 ) -> plt.Figure:
-    """A labelled heatmap (token cosines, layer-to-layer similarity, ...)."""
+    """A labelled heatmap (token cosines, layer-to-layer similarity, ...), its colour bar labelled too."""
     use_style()
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 4.5))
-    sns.heatmap(matrix, ax=ax, cmap=kw.pop("cmap", "viridis"), **kw)
+    sns.heatmap(matrix, ax=ax, cmap=kw.pop("cmap", "viridis"), cbar_kws={"label": cbar_label}, **kw)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -117,6 +121,7 @@ def plot_chosen_layers(chosen: dict[str, list[int]], n_layers: int, ax: plt.Axes
     ax.set_yticks(np.arange(len(chosen)), list(chosen))
     ax.set_xticks(np.arange(n_layers), np.arange(n_layers), fontsize=7)
     ax.set_xlabel("layer (dark = removed)")
+    ax.set_title("Layers each method removes")
     ax.grid(False)
     return ax.figure
 
@@ -148,6 +153,7 @@ def plot_state_norms(norms: pd.DataFrame, ax: plt.Axes | None = None) -> plt.Fig
     ax.semilogy(norms["state"], norms["max"], marker="^", ms=3, label="max token norm")
     ax.set_xlabel("residual state x_i (0 = embeddings, L = last layer output, raw)")
     ax.set_ylabel("L2 norm")
+    ax.set_title("Token norms through the stack")
     ax.legend()
     return ax.figure
 
@@ -161,6 +167,7 @@ def plot_lr_comparison(tables: dict[str, pd.DataFrame], column: str = "lr", ax: 
         ax.plot(table["layer"], table[column], marker="o", ms=3, label=name)
     ax.set_xlabel("layer")
     ax.set_ylabel(column)
+    ax.set_title(f"{column} per layer, one line per run")
     ax.legend()
     return ax.figure
 
@@ -168,7 +175,8 @@ def plot_lr_comparison(tables: dict[str, pd.DataFrame], column: str = "lr", ax: 
 class AllocationFigure:
     """The paper's Figure 1 for one allocation, built once and updated in place (fast for sliders).
 
-    Top: LR score and normalised score per layer. Bottom: SLR, final slice FS and the slice
+    Top: LR score (bars) and normalised score (line) per layer. Bottom: SLR (dashed, on top of FS, which
+    it equals when SB = 0), final slice FS and the slice
     realised after rounding the kept dimensions, with the SB line and the mean (SP) line.
     `png()` re-renders only what SP and SB move (blitting over a cached background, one per
     y range); a new LR vector redraws everything once. `warm()` caches both y ranges up front.
@@ -183,13 +191,11 @@ class AllocationFigure:
         self.canvas = FigureCanvasAgg(self.fig)
         self.top, self.bottom = self.fig.subplots(2, 1, sharex=True)
         kw = dict(marker="o", ms=3)
-        self.static = {
-            "lr": self.top.plot([], [], color=COLORS["lr"], label="LR score", **kw)[0],
-            "lr_norm": self.top.plot([], [], color=COLORS["lr_norm"], label="normalised LR", **kw)[0],
-        }
+        self.lr_bars = self.top.bar([], [], color=COLORS["lr"], alpha=0.35, label="LR score")
+        self.static = {"lr_norm": self.top.plot([], [], color=COLORS["lr_norm"], label="normalised LR", **kw)[0]}
         self.moving = {
-            "slr": self.bottom.plot([], [], color=COLORS["slr"], label="SLR (slice from redundancy)", **kw)[0],
-            "fs": self.bottom.plot([], [], color=COLORS["fs"], label="final slice FS", **kw)[0],
+            "fs": self.bottom.plot([], [], color=COLORS["fs"], label="final slice FS", lw=2.5, **kw)[0],
+            "slr": self.bottom.plot([], [], color=COLORS["slr"], ls="--", label="SLR (slice from redundancy)", **kw)[0],
             "realised": self.bottom.plot([], [], drawstyle="steps-mid", color=COLORS["dense"], lw=0.8, alpha=0.6)[0],
             "sb": self.bottom.axhline(0, color=COLORS["sb"], ls="--", label="SB (base slice)"),
             "mean": self.bottom.axhline(0, color=COLORS["mean"], lw=1.2, label="mean = SP"),
@@ -200,19 +206,20 @@ class AllocationFigure:
         self.top.set_title(title or "Slice allocation by Layer Redundancy")
         self.bottom.set_xlabel("layer")
         self.bottom.set_ylabel("slice fraction")
-        for ax in (self.top, self.bottom):
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-        self.fig.tight_layout()
         self._backgrounds: dict[tuple[float, float], object] = {}  # cached static pixels per y range
         self._lr: np.ndarray | None = None
         self.update(alloc)
+        for ax in (self.top, self.bottom):
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+        self.fig.tight_layout()
 
     def update(self, alloc: Allocation) -> None:
         """Move every artist to `alloc` (no new artists, no re-layout)."""
         layers = np.arange(alloc.fs.size)
         if self._lr is None or self._lr.shape != alloc.lr.shape or not np.array_equal(self._lr, alloc.lr):
             self._lr = alloc.lr
-            self.static["lr"].set_data(layers, alloc.lr)
+            self.lr_bars.remove()
+            self.lr_bars = self.top.bar(layers, alloc.lr, color=COLORS["lr"], alpha=0.35, label="LR score")
             self.static["lr_norm"].set_data(layers, alloc.lr_norm)
             self.bottom.set_xlim(-0.5, alloc.fs.size - 0.5)
             self._backgrounds.clear()
@@ -220,13 +227,13 @@ class AllocationFigure:
             self.moving[key].set_data(layers, values)
         self.moving["sb"].set_ydata([alloc.sb, alloc.sb])
         self.moving["mean"].set_ydata([alloc.sp, alloc.sp])
-        self.bottom.set_ylim(0.0, 0.5 if alloc.fs.max() < 0.45 else 1.0)
+        self.bottom.set_ylim(-0.03, 0.5 if alloc.fs.max() < 0.45 else 1.0)  # below 0: an SB = 0 line stays visible
 
     def warm(self) -> None:
         """Render the static background for both y ranges now, so that no slider move pays for it."""
         current = self.bottom.get_ylim()
         for top in (0.5, 1.0):
-            self.bottom.set_ylim(0.0, top)
+            self.bottom.set_ylim(-0.03, top)
             self.png()
         self.bottom.set_ylim(*current)
 
@@ -294,6 +301,7 @@ def plot_perplexity_comparison(cells: pd.DataFrame, best: pd.DataFrame) -> plt.F
         left.plot(group["sb"], group["ppl_eval"], marker="o", ms=4, label=f"SP = {sp:.2f}")
     left.set_xlabel("SB (base slice; SB = SP is constant slicing)")
     left.set_ylabel("perplexity (held-out book)")
+    left.set_title("Perplexity against SB")
     left.legend(fontsize=8)
     dense = float(cells.loc[cells["method"] == "dense", "ppl_eval"].iloc[0])
     constant = sliced[sliced["method"] == "constant"].set_index("sp")["ppl_eval"]
@@ -307,6 +315,7 @@ def plot_perplexity_comparison(cells: pd.DataFrame, best: pd.DataFrame) -> plt.F
     right.set_xticks(x, [f"{sp:.2f}" for sp in constant.index])
     right.set_xlabel("SP (mean slice)")
     right.set_ylabel("perplexity (held-out book)")
+    right.set_title("Dense, constant and best dynamic")
     right.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -351,6 +360,7 @@ def plot_perplexity_vs_slice(table: pd.DataFrame, ax: plt.Axes | None = None) ->
     ax.set_xlabel("mean slice (fraction of d removed)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
+    ax.set_title("Perplexity against mean slice")
     ax.legend()
     return ax.figure
 

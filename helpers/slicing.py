@@ -601,3 +601,16 @@ def sb_sweep(
     table = pd.DataFrame(rows)
     table["best"] = table["perplexity"] == table["perplexity"].min()
     return table
+
+
+def constant_vs_dynamic(sweeps: dict[float, pd.DataFrame]) -> pd.DataFrame:
+    """From `sb_sweep` tables keyed by SP: the constant row (SB = SP) and the selected dynamic row of each.
+
+    The dynamic row is the sweep's `best` (lowest perplexity on the selection text); columns method, sp,
+    sb, mean_slice, params and perplexity (the held-out `eval_perplexity`).
+    """
+    rows = []
+    for sp, table in sweeps.items():
+        for method, row in (("constant", table[table["sb"] == sp].iloc[0]), ("dynamic", table[table["best"]].iloc[0])):
+            rows.append({"method": method, "sp": sp, **row[["sb", "mean_slice", "params", "eval_perplexity"]]})
+    return pd.DataFrame(rows).rename(columns={"eval_perplexity": "perplexity"})

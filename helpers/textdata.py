@@ -11,6 +11,7 @@ token. Perplexity and LR here are therefore "no BOS" numbers.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from pathlib import Path
 
@@ -135,3 +136,10 @@ def token_windows(tokenizer, text: str, seqlen: int, n_windows: int | None = Non
 def load_windows(tokenizer, source: str, seqlen: int, n_windows: int | None = None) -> torch.Tensor:
     """`token_windows` over `load_text(source)`."""
     return token_windows(tokenizer, load_text(source), seqlen, n_windows)
+
+
+def split_windows(ids: torch.Tensor, *sizes: int) -> list[torch.Tensor]:
+    """Cut consecutive groups of windows (e.g. calibration, training, validation) from `ids`, in order."""
+    if sum(sizes) > len(ids):
+        raise ValueError(f"asked for {sum(sizes)} windows in groups {sizes}, but only {len(ids)} are available")
+    return [ids[start:end] for start, end in itertools.pairwise(itertools.accumulate(sizes, initial=0))]

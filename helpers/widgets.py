@@ -47,6 +47,15 @@ def model_of_lr_file(path: Path) -> str:
     return stem.split("__")[0] if "__" in stem else stem.removeprefix("lr_")
 
 
+def lr_file_label(path: Path) -> str:
+    """A readable selector label: 'smollm2-135m: LR on gutenberg, 4 x 64 tokens' rather than the cache file name."""
+    parts = path.stem.split("__")
+    if len(parts) == 4 and parts[2].startswith("L") and parts[3].startswith("N"):
+        model, text, seqlen, windows = parts
+        return f"{model}: LR on {text}, {windows[1:]} x {seqlen[1:]} tokens"
+    return f"{model_of_lr_file(path)}: LR from {path.parent.name}/{path.name}"
+
+
 def find_lr_files(figures: Path = FIGURES_DIR, cache: Path = CACHE_DIR / "lr") -> list[Path]:
     """Cached LR tables: figures/lr_*.csv and data/cache/lr/*.csv."""
     return sorted(Path(figures).glob("lr_*.csv")) + sorted(Path(cache).glob("*.csv"))
@@ -68,7 +77,7 @@ def load_choices(paths: Iterable[Path]) -> dict[str, LRChoice]:
         if lr.size != shapes[model].n_layers:
             log.warning("skipping %s: %d LR scores but %s has %d layers", path, lr.size, model, shapes[model].n_layers)
             continue
-        label = f"{model}: {path.parent.name}/{path.name}"
+        label = lr_file_label(path)
         choices[label] = LRChoice(label, model, lr, shapes[model])
     if not choices:
         raise FileNotFoundError(
@@ -99,7 +108,7 @@ class SliderApp:
             value=sb, min=0.0, max=sp, step=0.01, description="SB (base slice)", style=style, layout=layout
         )
         self.image = widgets.Image(format="png")
-        self.readout = widgets.HTML()
+        self.readout = widgets.HTML(layout=widgets.Layout(width="700px"))  # wraps inside the figure's width
         self.last_seconds = 0.0
         first = allocate(self.choice.lr, sp, sb, self.choice.shape.hidden_size, fs_max, multiple)
         self.figure = AllocationFigure(first, title="Figure 1: slice allocation by Layer Redundancy")
@@ -142,7 +151,8 @@ class SliderApp:
             f"<b>realised mean slice: <span class='realised-mean'>{alloc.realised_mean:.3f}</span></b> "
             f"(requested SP {alloc.sp:.2f}, SB {alloc.sb:.2f}; kept dims multiple of {alloc.multiple}, "
             f"d = {alloc.hidden_size})<br>"
-            f"kept dims: {', '.join(map(str, alloc.kept_dim))}<br>"
+            f"<span style='white-space: normal; overflow-wrap: anywhere'>kept dims: "
+            f"{', '.join(map(str, alloc.kept_dim))}</span><br>"
             f"parameters: {counts['sliced']:,} of {counts['dense']:,} "
             f"({counts['removed_fraction']:.1%} removed; {counts['removed_fraction_body']:.1%} of the layers' "
             f"parameters, embeddings and head counted apart)"

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -26,6 +26,21 @@
 # over every token $t$ of some calibration text. ShortGPT's Block Influence is $BI_i = 1 - LR_i$.
 # In this notebook we look at the hidden states themselves, then compute LR by streaming
 # text through forward hooks, and ask whether the curve belongs to the model or to the text.
+#
+# **You will be able to**
+#
+# - capture the residual stream of every layer with forward hooks, and say why the last layer must
+#   be hooked rather than read from `output_hidden_states`;
+# - compute Layer Redundancy and its min-max normalisation, streaming text in constant memory;
+# - read an LR curve: which layers rewrite the stream, which barely touch it, and how flat the
+#   profile is;
+# - test whether the curve is a property of the model or of the calibration text.
+#
+# **Papers.** Dumitru et al., *Change Is the Only Constant: Dynamic LLM Slicing based on Layer
+# Redundancy*, Findings of EMNLP 2024 ([arXiv:2411.03513](https://arxiv.org/abs/2411.03513)), section 3
+# (the LR score); Men et al., *ShortGPT* ([arXiv:2403.03853](https://arxiv.org/abs/2403.03853)) for
+# Block Influence. This is the first lesson; the next one, `02_slice_allocation_sliders`, turns the
+# scores into a slice per layer.
 
 # %% tags=["parameters"]
 import os
@@ -38,9 +53,12 @@ WINDOWS = 4 if FAST else 32
 BOOKS = ("pride-and-prejudice", "war-of-the-worlds")
 
 # %%
+from IPython.display import Markdown, display
+
 from helpers import plots
 from helpers.capture import collect_hidden_states
 from helpers.models import load_model
+from helpers.readings import read_agreement, read_lr_profile
 from helpers.redundancy import cached_layer_redundancy, state_norms, token_cosine_map
 from helpers.textdata import load_windows
 
@@ -79,7 +97,13 @@ plots.plot_state_norms(state_norms(states))
 
 # %%
 plots.plot_heatmap(
-    token_cosine_map(states), "cos(layer input, layer output) per token", "token", "layer", vmin=0, vmax=1
+    token_cosine_map(states),
+    "cos(layer input, layer output) per token",
+    "token",
+    "layer",
+    cbar_label="cosine",
+    vmin=0,
+    vmax=1,
 )
 # %% [markdown]
 # ## Layer Redundancy on Gutenberg text
@@ -99,6 +123,14 @@ lr.round(4).head(8)
 
 # %%
 plots.plot_lr_curve(lr, title=f"{MODEL} on {TEXT} ({WINDOWS} x {SEQLEN} tokens)")
+
+# %% [markdown]
+# *Predict before you run the next cell:* if most layers have LR above 0.9, where does min-max
+# normalisation put them? The reading below is computed from the table above, not written by hand.
+
+# %%
+display(Markdown(read_lr_profile(lr["lr_norm"])))
+
 # %% [markdown]
 # ShortGPT removes the layers with the smallest Block Influence first. Ranked:
 
@@ -116,10 +148,59 @@ print("least influential layers:", lr.sort_values("bi")["layer"].head(6).tolist(
 by_book = {book: cached_layer_redundancy(MODEL, book, SEQLEN, WINDOWS, loaded=(model, tokenizer)) for book in BOOKS}
 plots.plot_lr_comparison(by_book)
 a, b = (t["lr"] for t in by_book.values())
-print(f"max |LR difference| between the books: {abs(a - b).max():.4f}; rank correlation: {a.rank().corr(b.rank()):.3f}")
+display(Markdown(read_agreement(float(abs(a - b).max()), float(a.max() - a.min()), float(a.rank().corr(b.rank())))))
 
 # %% [markdown]
-# Compare the largest difference between the books with the spread of LR across layers, and
-# read the rank correlation: if it is close to 1, both books order the layers alike, which is all
-# the allocation of the next notebook uses (it min-max normalises the scores). Short runs
-# (`FAST`) use few tokens and show more noise than the full setting.
+# What the next notebook uses is the *normalised* score $n_i$ itself, not only the order of the
+# layers: each layer's slice is proportional to $n_i / \bar n$. So the allocation is unchanged by any
+# $a \cdot LR + b$ with $a > 0$ (min-max normalisation removes both), but not by other monotone
+# changes: squaring LR keeps the ranking and still moves every slice. Short runs (`FAST`) use few
+# tokens and show more noise than the full setting.
+#
+# ## Questionnaire
+#
+# 1. Why is the last layer's output captured by a hook instead of read from `output_hidden_states[-1]`?
+# 2. What is the cost of the row-wise cosine per window, and of the `X_in @ X_out.T` diagonal it replaces?
+# 3. Which layer has the lowest LR here, and what does that say about what it does to the embeddings?
+# 4. How is Block Influence related to LR, and which layers would ShortGPT remove first?
+# 5. Which transformations of LR leave the normalised score unchanged?
+# 6. What would make you trust an LR curve computed on only four short windows?
+#
+# ## Exercises
+#
+# 1. **Model or text?** Shuffle the tokens of every window (keep the same tokens, destroy the order)
+#    and compute LR again. Does the curve survive?
+#
+# <details><summary>Solution</summary>
+#
+# Take `ids = load_windows(tokenizer, TEXT, SEQLEN, WINDOWS)`, permute each row with
+# `ids[i, torch.randperm(SEQLEN)]`, and pass the windows to `helpers.redundancy.layer_redundancy`.
+# Read it with `read_agreement` as above. Layers whose LR survives the shuffle owe their redundancy
+# to the model (a per-token computation); layers whose LR moves owed it to word order, which is
+# a property of text. Expect the first layer, which rewrites each token's embedding, to stay low.
+#
+# </details>
+#
+# 2. **Invariance.** Show that $n_i$ does not change when LR is replaced by $a\,LR + b$ with $a > 0$,
+#    and find a monotone transformation that changes it.
+#
+# <details><summary>Solution</summary>
+#
+# $(a LR_i + b - \min(a LR + b)) / (\max(a LR + b) - \min(a LR + b)) = a(LR_i - \min LR) / (a(\max LR -
+# \min LR)) = n_i$. With $LR^2$ the order is kept but the gaps change:
+# `lr["lr"] ** 2` gives different normalised values wherever LR is not evenly spaced, and so
+# different slices.
+#
+# </details>
+#
+# 3. **How much text?** Compute LR with 2, 4, 8 and 16 windows and plot the largest difference from
+#    the 16-window curve against the number of windows.
+#
+# <details><summary>Solution</summary>
+#
+# Loop over the counts with `cached_layer_redundancy(MODEL, TEXT, SEQLEN, n, loaded=(model, tokenizer))`
+# and take `abs(table["lr"] - reference["lr"]).max()`. If windows were independent, the difference
+# would shrink like $1/\sqrt{n}$; check whether it does, and from how many windows the ranking of
+# the layers (rank correlation with the reference) stops changing.
+#
+# </details>

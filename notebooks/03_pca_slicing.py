@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -26,8 +26,24 @@
 # does a lot of work (low Layer Redundancy), fewer where it barely changes the stream. Consecutive
 # layers are joined by small (rectangular) shortcut matrices $Q_i^\top Q_{i+1}$.
 #
-# In this notebook: the PCA spectrum per layer, constant vs dynamic slicing at the same mean slice,
-# the SB sweep that picks the base slice, and where the parameters of a sliced small model go.
+# In this notebook: rotation invariance shown in a cell, the PCA spectrum per layer, constant vs
+# dynamic slicing at the same mean slice, the SB sweep that picks the base slice, and where the
+# parameters of a sliced small model go.
+#
+# **You will be able to**
+#
+# - explain why folding the norm scales makes a pre-norm transformer rotation invariant, and check it
+#   numerically;
+# - slice a model with PCA at constant or per-layer dimensions, and read a PCA spectrum;
+# - pick SB the way the paper does (lowest perplexity on a selection text) and compare constant and
+#   dynamic slicing on held-out text;
+# - account for every parameter of a sliced model, tied or untied.
+#
+# **Papers.** SliceGPT (Ashkboos et al., ICLR 2024, [arXiv:2401.15024](https://arxiv.org/abs/2401.15024)),
+# sections 3-4 (computational invariance, PCA slicing); Dumitru et al. 2024
+# ([arXiv:2411.03513](https://arxiv.org/abs/2411.03513)), section 3 (per-layer dimensions) and the SB sweep.
+# Follows `02_slice_allocation_sliders` (the dimensions); the next lesson, `04_benchmark_tables`,
+# evaluates sliced models on zero-shot tasks.
 
 # %% tags=["parameters"]
 import os
@@ -47,14 +63,16 @@ LEDGER_SLICES = [0.3] if FAST else [0.2, 0.25, 0.3]
 import copy
 
 import pandas as pd
-from IPython.display import display
+import torch
+from IPython.display import Markdown, display
 
 from helpers import plots
 from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import compression, ledger_by_layer, ledger_totals, parameter_ledger
+from helpers.ledger import layout_ledger, ledger_by_layer, ledger_totals, parameter_ledger
 from helpers.models import load_model
+from helpers.readings import read_difference
 from helpers.redundancy import cached_layer_redundancy
-from helpers.slicing import constant_dims, rotate_and_slice, sb_sweep, untie_sliced
+from helpers.slicing import WeightlessRMSNorm, constant_dims, constant_vs_dynamic, rotate_and_slice, sb_sweep
 from helpers.textdata import load_windows
 
 model, tokenizer = load_model(MODEL)
@@ -67,7 +85,39 @@ dense_ppl = perplexity_on_ids(model, held_out, desc="dense").perplexity
 print(f"{MODEL}: d = {d}, {dense_params / 1e6:.1f}M parameters; dense perplexity on {EVAL}: {dense_ppl:.2f}")
 
 # %% [markdown]
-# ## 1. The spectrum: how much variance do the kept directions hold?
+# ## 1. Rotation invariance, shown
+#
+# **The argument in one line:** a weightless RMS norm divides by $\|x\|/\sqrt d$, and an orthogonal
+# $Q$ keeps norms, so $\mathrm{RMSNorm}(xQ) = xQ / (\|xQ\|/\sqrt d) = \mathrm{RMSNorm}(x)\,Q$; with a
+# per-dimension scale $g$ this fails ($\mathrm{diag}(g)$ does not commute with $Q$), which is why
+# the scale is folded into the next linear layer first. *Predict:* how large is each gap below?
+
+# %%
+torch.manual_seed(0)
+x = torch.randn(4, d, dtype=torch.float64)
+q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+g = torch.rand(d, dtype=torch.float64) + 0.5
+norm = WeightlessRMSNorm(d, eps=0.0)
+print(f"weightless: max |RMSNorm(xQ) - RMSNorm(x)Q| = {(norm(x @ q) - norm(x) @ q).abs().max():.1e}")
+print(f"with scale g: max |RMSNorm(xQ)g - (RMSNorm(x)g)Q| = {(norm(x @ q) * g - (norm(x) * g) @ q).abs().max():.2f}")
+
+# %% [markdown]
+# Now the whole model: fold, rotate every layer into its PCA basis and keep **all** $d$ directions
+# (no slice). The logits should not move beyond float error.
+
+# %%
+rotated = copy.deepcopy(model)
+rotate_and_slice(rotated, calib, [d] * model.config.num_hidden_layers, progress=False)
+with torch.no_grad():
+    before, after = model(held_out[:2]).logits, rotated(held_out[:2]).logits
+print(
+    f"full-dimension rotation: largest logit change {(after - before).abs().max():.1e}; "
+    f"logits range over [{before.min():.1f}, {before.max():.1f}]"
+)
+del rotated
+
+# %% [markdown]
+# ## 2. The spectrum: how much variance do the kept directions hold?
 #
 # `rotate_and_slice` walks the layers in order. At every boundary (before attention and before the
 # MLP of each layer) it accumulates $H = \sum_t x_t^\top x_t$ in float64 over the calibration
@@ -87,7 +137,7 @@ print(f"kept variance at 30%: min {kept.min():.4f} ({kept.idxmin()}), median {ke
 # hold almost all the variance at most boundaries. Variance is not everything, though: the small
 # directions still matter for the next-token distribution, as the perplexities below show.
 #
-# ## 2. Constant vs dynamic at the same mean slice
+# ## 3. Constant vs dynamic at the same mean slice
 #
 # Dynamic slicing needs Layer Redundancy scores (notebook 01) and a base slice SB: each layer gets
 # $FS_i = SB + (SP - SB)\, n_i / \bar n$ (notebook 02). SB = SP is constant slicing. The paper
@@ -106,20 +156,26 @@ for sp in SPS:
 # `SELECT`), both evaluated on the held-out book.
 
 # %%
-rows = []
-for sp, table in sweeps.items():
-    constant = table[table["sb"] == sp].iloc[0]
-    best = table[table["best"]].iloc[0]
-    rows.append({"method": "constant", "sp": sp, **constant[["sb", "mean_slice", "params", "eval_perplexity"]]})
-    rows.append({"method": "dynamic", "sp": sp, **best[["sb", "mean_slice", "params", "eval_perplexity"]]})
-comparison = pd.DataFrame(rows).rename(columns={"eval_perplexity": "perplexity"})
+comparison = constant_vs_dynamic(sweeps)
 display(comparison)
 fig = plots.plot_perplexity_vs_slice(comparison)
 fig.axes[0].axhline(dense_ppl, color=plots.COLORS["dense"], ls="--", lw=1, label="dense")
 fig.axes[0].legend()
 fig.axes[0].set_title(f"{MODEL}: perplexity on {EVAL} ({EVAL_WINDOWS} x {EVAL_SEQLEN} tokens, no BOS)")
+
 # %% [markdown]
-# ## 3. Why a sliced small model can be *larger* than the dense one
+# The reading, generated from the table (perplexity: lower is better). The interval of the
+# difference will come from the evaluation's bootstrap over windows; without it a reading says so.
+
+# %%
+for sp, rows in comparison.groupby("sp"):
+    ppl = rows.set_index("method")["perplexity"]
+    reading = read_difference(
+        "dynamic", ppl["dynamic"], "constant", ppl["constant"], higher_is_better=False, what="held-out perplexity"
+    )
+    display(Markdown(f"SP = {sp}: {reading}"))
+# %% [markdown]
+# ## 4. Why a sliced small model can be *larger* than the dense one
 #
 # SliceGPT unties the head from the embeddings: the final norm's scale is folded into the head and
 # the input side is rotated by the first layer's basis, so the two tables differ. For SmolLM2 the
@@ -130,18 +186,7 @@ fig.axes[0].set_title(f"{MODEL}: perplexity on {EVAL} ({EVAL_WINDOWS} x {EVAL_SE
 # function; `untie_sliced` converts one into the other, so one slicing shows both.
 
 # %%
-ledger_rows = []
-for fraction in LEDGER_SLICES:
-    tied = sliced if fraction == 0.3 else copy.deepcopy(model)
-    if fraction != 0.3:
-        rotate_and_slice(tied, calib, constant_dims(tied, fraction))
-    tied_totals = ledger_totals(parameter_ledger(tied))
-    untied = untie_sliced(copy.deepcopy(tied))
-    untied_totals = ledger_totals(parameter_ledger(untied))
-    for layout, totals in (("untied", untied_totals), ("tied", tied_totals)):
-        ledger_rows.append({"slice": fraction, "layout": layout, **totals})
-ledger_table = pd.DataFrame([{"slice": 0.0, "layout": "dense", **ledger_totals(parameter_ledger(model))}, *ledger_rows])
-ledger_table["removed"] = [f"{compression(n, dense_params):+.1%}" for n in ledger_table["total"]]
+ledger_table = layout_ledger(model, calib, LEDGER_SLICES, reuse={0.3: sliced})
 display(ledger_table.drop(columns="other"))
 
 # %%
@@ -158,9 +203,58 @@ fig = plots.plot_ledger(ledger_by_layer(parameter_ledger(sliced)).drop(index=["e
 # %% [markdown]
 # ## Take-aways
 #
-# - Folding and rotation leave the logits unchanged up to float error; all the loss comes from
-#   deleting directions.
-# - At the same mean slice, the dynamic allocation chosen by the SB sweep can be compared with the
-#   constant one on held-out text in the table above; with small calibration sets (fast mode) the
-#   numbers are noisy.
+# - Folding and rotation leave the logits unchanged up to float error (section 1); all the loss comes
+#   from deleting directions.
+# - Constant and dynamic slicing are compared on held-out text in section 3, with the reading printed
+#   under the table; with small calibration sets (fast mode) the numbers are noisy.
 # - For a tied small model, keep the embeddings tied: otherwise slicing barely compresses at all.
+#
+# ## Questionnaire
+#
+# 1. Why must the RMSNorm scale be folded into the following linear layers before rotating?
+# 2. Why is the covariance accumulated in float64, and what does the 1% damping protect against?
+# 3. Why is each layer's PCA computed on inputs produced by the *already sliced* earlier layers?
+# 4. What are the shortcut matrices $Q_i^\top Q_{i+1}$, and why are they rectangular in dynamic slicing?
+# 5. Why is SB chosen on a different book than the one used for the final comparison?
+# 6. Why does untying the head cost SmolLM2 so much, and how does the tied layout avoid it?
+#
+# ## Exercises
+#
+# 1. **Skip the folding.** Rotate at full dimension without folding the norm scales and watch the
+#    logits diverge.
+#
+# <details><summary>Solution</summary>
+#
+# The first cell of section 1 shows the mechanism on one norm: with a scale $g$ the gap is of order
+# one instead of float error. For the whole model, rotate a copy's residual stream by a random
+# orthogonal $Q$ (embeddings `E @ Q`, every input projection `Q.T @ W`, every output projection
+# `W @ Q`) while keeping the original norms with their weights: the largest logit change is no longer
+# float error but of the order of the logits themselves.
+#
+# </details>
+#
+# 2. **Keep layer 0 whole.** Slice "constant, but layer 0 whole" at SP = 0.3 (lesson 02, exercise 3)
+#    and compare its held-out perplexity with the constant and dynamic rows of section 3. How much of
+#    the dynamic gain does it keep?
+#
+# <details><summary>Solution</summary>
+#
+# Build the dims with `helpers.allocation.kept_dims` (layer 0 at `d`, the others at
+# $0.3 \cdot 30/29$), then `rotate_and_slice(copy.deepcopy(model), calib, dims)` and
+# `perplexity_on_ids(sliced, held_out)`. Read the three numbers with `read_difference`. Since the
+# normalised LR is close to 1 except at layers 0, 1, 24 and 29, most of the gap between constant and
+# dynamic may come from sparing layer 0: the exercise measures how much.
+#
+# </details>
+#
+# 3. **How much variance is enough?** For each layer, find the smallest dimension that keeps 99% of
+#    the variance, and compare that allocation with the LR-based one.
+#
+# <details><summary>Solution</summary>
+#
+# From `info.eigenvalues`: `k = (np.cumsum(v) / v.sum() < 0.99).sum() + 1` per boundary. Section 2
+# showed that a few huge activation dimensions dominate the spectrum, so 99% comes early almost
+# everywhere: variance alone says little about which directions the next-token distribution needs,
+# which is why perplexity, not kept variance, decides SB.
+#
+# </details>

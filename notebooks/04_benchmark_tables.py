@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -24,6 +26,38 @@
 # `data/cache/sweep/`: after `python -m helpers reproduce` has run, this notebook only reads.
 # Change SP, tasks or the question limit below and it computes the missing cells (slicing
 # SmolLM2-135M plus evaluation takes a minute or two per cell on a laptop CPU).
+#
+# **You will be able to**
+#
+# - explain how a language model answers a multiple-choice question with no training (zero-shot
+#   scoring), and the difference between acc and acc_norm;
+# - read the paper-style table: which differences are larger than one question's worth of noise;
+# - place this small model's numbers next to the papers' own;
+# - say what a timing on a shared CPU does and does not show.
+#
+# **Papers.** Dumitru et al. 2024 ([arXiv:2411.03513](https://arxiv.org/abs/2411.03513)), section 4
+# (experiments, Figures 2-5); SliceGPT (Ashkboos et al., [arXiv:2401.15024](https://arxiv.org/abs/2401.15024))
+# for the evaluation protocol. Follows `03_pca_slicing`; the next lesson,
+# `05_depth_pruning_vs_slicing`, compares slicing with deleting whole layers.
+#
+# ## How a model answers without training: zero-shot scoring
+#
+# Each question has a context and a few candidate continuations (PIQA: two solutions to a goal;
+# HellaSwag: four endings; ARC: three to five answers; WinoGrande: two fillers of a blank). The
+# model scores each option by the sum of the log-probabilities of its continuation tokens given the
+# context, and its answer is the option with the highest score: **acc** counts how often that is
+# right. Longer options collect more negative log-probabilities, so the sum favours short answers;
+# **acc_norm** divides each option's score by its length in characters first. SliceGPT (and so this
+# lab) reports acc_norm for PIQA, HellaSwag and ARC, and acc for WinoGrande, where the model
+# scores the shared sentence ending after each of the two filled-in beginnings
+# (lm-evaluation-harness's convention).
+#
+# **The papers' own numbers, for scale.** The dynamic-slicing paper works with Llama3-8B and
+# Mistral-7B and reports improvements of up to 5% in accuracy over constant slicing (SliceGPT) and
+# perplexity lower by up to 7% (its abstract). SliceGPT reports WikiText-2 perplexity on Llama-2 7B
+# of 5.47 dense against 6.64, 7.24 and 8.12 at 20%, 25% and 30% slicing. Models with a hundred
+# times more parameters have far more redundant width; expect larger losses on a 135M model, and
+# accuracies on 40 questions per task that move by 2.5 points per question.
 
 # %% tags=["parameters"]
 import os
@@ -38,9 +72,11 @@ LIMIT = None  # questions per task; None keeps the size's own
 # %%
 import dataclasses
 
+import pandas as pd
 from IPython.display import Markdown, display
 
 from helpers import plots
+from helpers.readings import read_results_table, read_speed_table
 from helpers.reproduce import SIZES, Lab, best_dynamic, results_table, sweep
 from helpers.storage import FIGURES_DIR
 
@@ -75,6 +111,13 @@ table = results_table(cells, settings.tasks)
     .background_gradient(subset=[*tasks, "average"], cmap="Greens")
     .background_gradient(subset=["ppl_eval"], cmap="Reds")
 )
+
+# %% [markdown]
+# The reading of this table, generated from its numbers (`helpers.readings`). Each question is worth
+# 1/limit of a task's accuracy; without intervals, a gap of one or two questions says nothing.
+
+# %%
+display(Markdown(read_results_table(table, tasks, settings.limit)))
 
 # %% [markdown]
 # ## Figure 1: how LR becomes a slice per layer
@@ -116,3 +159,53 @@ for name in ("speed_table", "depth_comparison"):
             path.read_text() if path.exists() else f"*{path.name} not written yet: run `python -m helpers reproduce`*"
         )
     )
+speed_csv = FIGURES_DIR / "speed_table.csv"
+if speed_csv.exists():
+    display(Markdown(read_speed_table(pd.read_csv(speed_csv))))
+
+# %% [markdown]
+# ## Questionnaire
+#
+# 1. How does a causal language model choose among the options of a multiple-choice question?
+# 2. What does acc_norm correct, and why is WinoGrande scored with acc?
+# 3. On 40 questions, how many points of accuracy is one question worth?
+# 4. How is the dynamic row of each SP chosen, and why does that rule never look at the tasks?
+# 5. Why can a smaller model be slower, and what would you need to trust a 10% speed difference?
+#
+# ## Exercises
+#
+# 1. **Bootstrap the differences.** For the constant and the dynamic model at SP = 0.3, compute a 95%
+#    interval for the difference in average accuracy by resampling questions.
+#
+# <details><summary>Solution</summary>
+#
+# The per-question correctness of both models is needed (the sweep cells keep only the summaries, so
+# rerun `helpers.zeroshot.evaluate` on the two models). Draw question indices with replacement
+# (2,000 times, fixed seed), apply the *same* indices to both models, and take the 2.5 and 97.5
+# percentiles of the mean difference. Pass the interval to `read_difference(..., interval=(low, high))`:
+# expect it to include 0 unless the gap is several questions wide.
+#
+# </details>
+#
+# 2. **acc against acc_norm.** Recompute PIQA and ARC-Easy with acc instead of acc_norm for the dense
+#    model. Which metric moves more, and why?
+#
+# <details><summary>Solution</summary>
+#
+# `helpers.zeroshot.evaluate` returns both metrics per task; compare them. Expect the tasks whose
+# options differ most in length to move most, because the unnormalised sum penalises long options;
+# check whether that is what you see.
+#
+# </details>
+#
+# 3. **A fair timing.** Time the dense and the SP = 0.3 dynamic model in one script, interleaving five
+#    repeats of each, and report the median ratio with its spread.
+#
+# <details><summary>Solution</summary>
+#
+# Load both models once; alternate `helpers.speed.generation_speed` calls dense, sliced, dense, ...;
+# divide each sliced timing by the dense timing next to it and report the median and range of the
+# ratios. Interleaving cancels the slow drifts of a shared machine that a single timing per model
+# (as in the table above) cannot.
+#
+# </details>

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,6 +30,19 @@
 # All three read the same thing: cosines between residual states $x_l$ and $x_{l+n}$. We stream
 # calibration text once, collect those for every $(l, n)$, pick blocks, train a replacement, and
 # finally compare everything with slicing at the same parameter count.
+#
+# **You will be able to**
+#
+# - compute the block similarities all three methods use, in one streaming pass;
+# - say which layers each method removes and why the choices differ;
+# - train a small replacement for a removed block and judge it against the identity map;
+# - compare depth pruning with slicing at a matched parameter count, and say why one wins here.
+#
+# **Papers.** ShortGPT (Men et al., [arXiv:2403.03853](https://arxiv.org/abs/2403.03853)); Gromov et al.,
+# *The Unreasonable Ineffectiveness of the Deeper Layers* ([arXiv:2403.17887](https://arxiv.org/abs/2403.17887));
+# LLM-Streamline (Chen et al., ICLR 2025, [arXiv:2403.19135](https://arxiv.org/abs/2403.19135)); the hybrid is
+# future work named by Dumitru et al. 2024 ([arXiv:2411.03513](https://arxiv.org/abs/2411.03513)). Follows
+# `04_benchmark_tables`; this is the last lesson.
 
 # %% tags=["parameters"]
 import os
@@ -47,12 +60,15 @@ KINDS = ("ffn",) if FAST else ("ffn", "swiglu", "layer")
 RUN_COMPARISON = not FAST  # the full table builds seven models; `python -m helpers compare` does the same
 
 # %%
+import json
+
 import pandas as pd
 from IPython.display import Markdown, display
 
 from helpers import plots
 from helpers.depth import METHODS, cached_block_scores, chosen_layers, parameter_count
 from helpers.models import load_model
+from helpers.readings import read_depth_comparison
 from helpers.storage import FIGURES_DIR
 
 model, tokenizer = load_model(MODEL)
@@ -107,10 +123,10 @@ _ = plots.save_figure(fig, FIGURES_DIR / "depth_chosen_layers.png")
 
 # %%
 from helpers.replacement import train_replacement
-from helpers.textdata import load_windows
+from helpers.textdata import load_windows, split_windows
 
 ids = load_windows(tokenizer, CALIB, SEQLEN, WINDOWS + TRAIN_WINDOWS + VAL_WINDOWS)
-train_ids, val_ids = ids[WINDOWS : WINDOWS + TRAIN_WINDOWS], ids[WINDOWS + TRAIN_WINDOWS :]
+_, train_ids, val_ids = split_windows(ids, WINDOWS, TRAIN_WINDOWS, VAL_WINDOWS)
 start = scores.choose("streamline", N)[0]
 modules, histories = {}, {}
 for kind in KINDS:
@@ -167,20 +183,91 @@ for name, m in (("dense", model), (f"pruned ({len(reloaded.model.layers)} layers
 # %% [markdown]
 # ## Everything at the same parameter count
 #
-# Constant slicing at 25% sets the budget; ShortGPT and LLM-Streamline remove as many layers as
-# that many parameters; the hybrid (future work in the dynamic-slicing paper) removes half of
-# those layers by Block Influence and slices the rest dynamically by LR. Stability is
-# LLM-Streamline's agreement with the dense model, weighted by how sure the dense model is.
-# The table is cached per row, so rerunning resumes; in fast mode this step is skipped (run
-# `python -m helpers compare` for it).
+# Constant slicing at the fraction `CompareSettings.slice_fraction` (printed below) sets the budget;
+# dynamic slicing uses the same mean slice with base slice `base_slice`; ShortGPT and LLM-Streamline
+# remove as many layers as that many parameters; the hybrid (future work in the dynamic-slicing
+# paper) removes half of those layers by Block Influence and slices the rest dynamically by LR.
+# Stability is LLM-Streamline's agreement with the dense model, weighted by how sure the dense model
+# is. The table is cached per row, so rerunning resumes; in fast mode this step is skipped (run
+# `python -m helpers compare` for it). The committed table in `figures/depth_comparison.md` comes
+# from `python -m helpers reproduce`, whose settings are printed with it below.
 
 # %%
-if RUN_COMPARISON:
-    from helpers.compare import CompareSettings, compare, write_table
+from helpers.compare import CompareSettings, compare, write_table
 
-    table, raw = compare(CompareSettings(model=MODEL, calib=CALIB, seqlen=SEQLEN, calib_windows=WINDOWS))
+compare_settings = CompareSettings(model=MODEL, calib=CALIB, seqlen=SEQLEN, calib_windows=WINDOWS)
+print(f"budget: constant slicing at {compare_settings.slice_fraction}, dynamic with SB = {compare_settings.base_slice}")
+if RUN_COMPARISON:
+    table, raw = compare(compare_settings)
     write_table(table)
     display(Markdown(table.to_markdown(index=False, floatfmt=".3f")))
     for cell in raw["cells"].values():
         if "history" in cell["info"]:
             plots.plot_loss_curve(cell["info"]["history"])
+
+# %% [markdown]
+# ## The committed comparison, read
+#
+# `python -m helpers reproduce` writes the comparison into `figures/` with the settings in its
+# manifest. The reading below is generated from that table.
+
+# %%
+committed = FIGURES_DIR / "depth_comparison.csv"
+if committed.exists():
+    params = json.loads((FIGURES_DIR / "manifest.json").read_text())["files"]["depth_comparison.csv"]["params"]
+    print(f"committed run: slice fraction {params['slice_fraction']}, base slice {params['base_slice']}")
+    display(Markdown(read_depth_comparison(pd.read_csv(committed))))
+
+# %% [markdown]
+# Why can deleting whole layers beat slicing at the same parameter count here? Lesson 01 showed that
+# most of SmolLM2's layers barely turn the residual stream (normalised LR close to 1), so deleting a
+# few of them costs little; slicing instead removes a share of the directions of *every* layer. And
+# on a small model with a large vocabulary, slicing has to remove more width to reach the same
+# parameter count, since the tied embedding table (a fifth of the model) is not sliced and the
+# shortcut matrices add parameters back (lesson 03, section 4).
+#
+# ## Questionnaire
+#
+# 1. What do ShortGPT, angular distance and LLM-Streamline each measure, and on which tokens?
+# 2. Why can ShortGPT's choice be scattered while the other two remove contiguous blocks?
+# 3. Why is the identity map the baseline a replacement must beat?
+# 4. How is "the same parameter count" enforced between slicing and depth pruning?
+# 5. What does stability measure that accuracy does not?
+#
+# ## Exercises
+#
+# 1. **Where do they cross?** Sweep the number of removed layers $n$ from 1 to 8 and plot held-out
+#    perplexity of ShortGPT against constant slicing at the same parameter count. Where do they cross?
+#
+# <details><summary>Solution</summary>
+#
+# For each $n$: `helpers.depth.remove_layers` on a copy with `scores.choose("shortgpt", n)`, count its
+# parameters, and find the slice fraction with the same count from the parameter formulas of
+# `helpers.allocation` (`param_summary` for a few fractions, then interpolate); slice at it and
+# measure both with `perplexity_on_ids`. Plot both against the parameters removed.
+#
+# </details>
+#
+# 2. **Bootstrap the verdict.** For ShortGPT against dynamic slicing, resample the evaluation windows
+#    with replacement (the same indices for both models) and give a 95% interval for the difference
+#    in perplexity. Does it exclude 0?
+#
+# <details><summary>Solution</summary>
+#
+# Keep the per-window mean NLL of both models, draw window indices 2,000 times with a fixed seed,
+# compute exp(mean NLL) of each model on the same draw, and take the 2.5 and 97.5 percentiles of
+# the difference. Give it to `read_difference(..., interval=(low, high))`.
+#
+# </details>
+#
+# 3. **A second replacement.** Train the `swiglu` and `layer` replacements (set `KINDS`) and compare
+#    their validation MSE with their parameter cost. Is the extra capacity worth it?
+#
+# <details><summary>Solution</summary>
+#
+# Rerun the replacement cell with `KINDS = ("ffn", "swiglu", "layer")`: the table gives
+# `identity_mse`, `val_mse` and `params` per kind. Divide the MSE gained over the identity by the
+# parameters spent, and remember that every parameter a replacement adds must be removed elsewhere
+# to keep the same budget.
+#
+# </details>

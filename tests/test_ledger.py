@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -91,3 +92,18 @@ def test_ledger_counts_a_streamline_replacement_block():
     assert totals["replacement"] == sum(p.numel() for p in block.parameters())
     assert totals["total"] == sum(p.numel() for p in model.parameters())
     assert totals["other"] == 0
+
+
+def test_layout_ledger_rows_match_unique_parameters_of_each_layout():
+    from helpers.ledger import layout_ledger
+    from helpers.slicing import constant_dims, untie_sliced
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    ids = torch.randint(0, 128, (4, 16))
+    table = layout_ledger(model, ids, [0.25])
+    assert table[["slice", "layout"]].values.tolist() == [[0.0, "dense"], [0.25, "untied"], [0.25, "tied"]]
+    tied = copy.deepcopy(model)
+    rotate_and_slice(tied, ids, constant_dims(tied, 0.25), progress=False)
+    untied = untie_sliced(copy.deepcopy(tied))
+    assert table["total"].tolist() == [unique_numel(model), unique_numel(untied), unique_numel(tied)]
+    assert table["removed"].iloc[0] == "+0.0%"

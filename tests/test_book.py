@@ -1,0 +1,94 @@
+"""The book: every lesson executed once in fast mode (no error output), built by Jupyter Book, read in Chromium."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from helpers.book import build, gallery_page, lesson_paths
+from helpers.storage import FIGURES_DIR, atomic_path
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+LESSONS = [path.stem for path in lesson_paths()]
+REFERENCE_PAGES = ["index", "method", "results", "gallery"]
+
+
+def test_gallery_lists_every_figure_with_its_manifest_entry(tmp_path):
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"files": {"a.png": {"step": "figure1", "written": "today", "params": {"sp": 0.3}}}})
+    )
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    page = gallery_page(tmp_path, "fast")
+    assert "![a](figures/a.png)" in page and "Step `figure1`, written today: sp = 0.3." in page
+    assert "![b](figures/b.png)" in page and "Not in the manifest" in page and "Built in fast mode" in page
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    """The book built in fast mode: every lesson executed once (this is the suite's notebook run)."""
+    pytest.importorskip("jupyter_book", reason="jupyter-book (requirements-dev.txt) builds the book")
+    return build("fast", tmp_path_factory.mktemp("book") / "book")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_lesson_runs_in_fast_mode_without_errors(book, lesson):
+    assert lesson in book.errors, f"{lesson} was not executed"
+    assert not book.errors[lesson], "\n".join(book.errors[lesson])
+
+
+@pytest.mark.slow
+def test_every_page_is_built_and_says_its_mode(book):
+    for name in LESSONS + REFERENCE_PAGES:
+        page = book.html / f"{name}.html"
+        assert page.exists(), f"{page.name} missing from the site"
+        assert "Built in fast mode" in page.read_text(), f"{page.name} does not say which mode built it"
+
+
+def internal_targets(hrefs: list[str]) -> list[Path]:
+    """Files that the page's own links (file:// URLs, anchors dropped) point to."""
+    return [Path(unquote(urlparse(h).path)) for h in hrefs if urlparse(h).scheme == "file"]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_book_in_chromium(book):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run this test")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is needed to drive Chromium")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            for name in LESSONS + REFERENCE_PAGES:
+                path = book.html / f"{name}.html"
+                response = page.goto(path.as_uri())
+                assert response is not None and response.ok, f"{name}: page did not load"
+                main = page.locator("main")
+                shown = main.evaluate("m => [...m.querySelectorAll('img')].filter(i => i.naturalWidth > 0).length")
+                if name in LESSONS:
+                    assert shown >= 1, f"{name}: no rendered figure"
+                errors = main.locator(".traceback, .output.error")
+                assert errors.count() == 0 and "Traceback (most recent call last)" not in main.inner_text(), name
+                hrefs = page.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
+                broken = [str(t) for t in internal_targets(hrefs) if not t.exists()]
+                assert not broken, f"{name}: broken internal links {broken}"
+            page.goto((book.html / "index.html").as_uri())
+            with atomic_path(FIGURES_DIR / "book_index.png") as tmp:
+                page.screenshot(path=str(tmp), full_page=False)
+        finally:
+            browser.close()

@@ -1,0 +1,111 @@
+"""Readings generated from numbers, and the small helpers that took the lessons' computing loops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers.allocation import ModelShape, dense_param_count, savings_table
+from helpers.readings import outlier_layers, read_accuracy, read_difference, read_lr_profile, read_results_table
+from helpers.slicing import constant_vs_dynamic
+from helpers.textdata import split_windows
+from helpers.widgets import lr_file_label
+
+
+def test_lr_profile_names_the_layers_far_from_the_rest():
+    values = np.full(30, 0.98)
+    values[[0, 1, 24, 29]] = [0.0, 0.82, 0.85, 0.70]
+    assert outlier_layers(values) == [0, 1, 24, 29]
+    text = read_lr_profile(values)
+    assert "26 of 30 layers" in text and "layers 0, 1, 24 and 29" in text
+    assert "flat" in read_lr_profile(np.linspace(0.95, 1.0, 30))
+
+
+@pytest.mark.parametrize(
+    ("interval", "verdict"), [(None, "no interval given"), ((-0.02, 0.05), "includes 0"), ((0.01, 0.05), "excludes 0")]
+)
+def test_difference_verdict_follows_the_interval(interval, verdict):
+    text = read_difference(
+        "dynamic", 80.0, "constant", 100.0, higher_is_better=False, what="perplexity", interval=interval
+    )
+    assert "dynamic is ahead" in text and verdict in text
+    if interval == (0.01, 0.05):
+        assert text.endswith("constant is worse.")
+
+
+def test_accuracy_gap_in_questions():
+    text = read_accuracy("winogrande", 0.600, 0.475, 40, chance=0.5)
+    assert "+0.125" in text and "about 5 of 40 questions" in text and "within 0.05 of chance (0.50)" in text
+    assert "chance" not in read_accuracy("piqa", 0.65, 0.70, 40, chance=0.5)
+
+
+def test_results_table_reading_compares_within_each_sp():
+    tasks = ["piqa"]
+    table = pd.DataFrame(
+        {
+            "method": ["dense", "constant", "dynamic"],
+            "sp": [0.0, 0.3, 0.3],
+            "sb": [0.0, 0.3, 0.0],
+            "piqa": [0.70, 0.55, 0.75],
+            "average": [0.70, 0.55, 0.75],
+            "ppl_eval": [40.0, 107.0, 79.0],
+        }
+    )
+    text = read_results_table(table, tasks, 40)
+    assert "SP = 0.30" in text and "dynamic 0.750 against constant 0.550" in text
+    assert "Above dense: dynamic at SP = 0.30 on piqa" in text and "about 2 of 40" in text
+    paired = read_results_table(table, tasks, 40, accuracy_intervals={0.3: (0.05, 0.35)})
+    assert "[+0.050, +0.350], excludes 0: constant is worse" in paired
+
+
+def test_constant_vs_dynamic_picks_the_constant_and_the_best_rows():
+    sweep = pd.DataFrame(
+        {
+            "sb": [0.3, 0.15, 0.0],
+            "mean_slice": [0.3, 0.3, 0.3],
+            "params": [10, 11, 12],
+            "perplexity": [50.0, 40.0, 45.0],
+            "eval_perplexity": [60.0, 48.0, 52.0],
+        }
+    ).assign(best=lambda t: t["perplexity"] == t["perplexity"].min())
+    table = constant_vs_dynamic({0.3: sweep})
+    assert table["method"].tolist() == ["constant", "dynamic"]
+    assert table["sb"].tolist() == [0.3, 0.15] and table["perplexity"].tolist() == [60.0, 48.0]
+
+
+def test_split_windows_cuts_consecutive_groups():
+    ids = torch.arange(20).reshape(10, 2)
+    calib, train, val = split_windows(ids, 3, 4, 2)
+    assert torch.equal(calib, ids[:3]) and torch.equal(train, ids[3:7]) and torch.equal(val, ids[7:9])
+    with pytest.raises(ValueError, match="only 10 are available"):
+        split_windows(ids, 8, 4)
+
+
+def test_selector_label_is_readable():
+    assert lr_file_label(Path("data/cache/lr/smollm2-135m__gutenberg__L64__N4.csv")) == (
+        "smollm2-135m: LR on gutenberg, 4 x 64 tokens"
+    )
+    assert lr_file_label(Path("figures/lr_smollm2-135m.csv")) == "smollm2-135m: LR from figures/lr_smollm2-135m.csv"
+
+
+def test_savings_table_caps_sb_at_sp_and_reports_what_is_removed():
+    shape = ModelShape(
+        vocab_size=100,
+        hidden_size=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        head_dim=16,
+        intermediate_size=128,
+        tied_embeddings=True,
+    )
+    table = savings_table(np.array([0.2, 0.9, 0.95, 0.99]), [0.125, 0.25], 0.5, shape)
+    # SB = 0.5 is capped at SP: constant slicing, 56 and 48 of 64 dimensions in every layer, exactly SP.
+    assert table["SP"].tolist() == [0.125, 0.25] and table["realised mean slice"].tolist() == [0.125, 0.25]
+    dense = dense_param_count(shape)["total"]
+    removed = [f"{1 - n / dense:.1%}" for n in table["parameters"]]
+    assert table["removed (all)"].tolist() == removed and table["parameters"].iloc[1] < table["parameters"].iloc[0]
