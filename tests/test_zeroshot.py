@@ -17,7 +17,7 @@ import torch
 
 from helpers import tasks as T
 from helpers.models import tiny_model
-from helpers.zeroshot import TaskResult, evaluate_task, lm_eval_harness, score_rows, summarise
+from helpers.zeroshot import TaskResult, evaluate_task, lm_eval_harness, score_rows, score_rows_shared, summarise
 
 SLICES = dict.fromkeys(["piqa", "winogrande", "copa", "arc_easy", "arc_challenge", "hellaswag", "boolq"], 50)
 
@@ -138,6 +138,24 @@ def test_padded_batches_match_single_rows(family):
     want = np.array([direct_row_score(model, t, n) for t, n in rows])
     for batch_size in (1, 4, 16):
         np.testing.assert_allclose(score_rows(model, rows, batch_size), want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_shared_context_scorer_matches_single_rows(family):
+    """Options share a context (cached once), contexts differ in length, some continuations are one token."""
+    model = tiny_model(family, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(9):
+        context = torch.randint(0, 128, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
+            cont = torch.randint(0, 128, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
+            rows.append((context + cont, len(cont)))
+    want = np.array([direct_row_score(model, t, n) for t, n in rows])
+    for batch_size in (1, 3, 16):
+        np.testing.assert_allclose(score_rows_shared(model, rows, batch_size), want, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="context token"):
+        score_rows_shared(model, [([5, 6], 2)])
 
 
 # ---------------------------------------------------------------- real model (slow)
