@@ -10,6 +10,9 @@ model, data, parameters, seed, package versions and time that produced it.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import importlib
+import inspect
 import json
 import platform
 from collections.abc import Callable
@@ -31,6 +34,17 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
     return versions
+
+
+def code_fingerprint(modules: tuple[str, ...]) -> str:
+    """A short hash of the source of `modules` and of the package versions: part of every cell's key.
+
+    A changed function (or torch/transformers upgrade) then computes fresh cells instead of reusing old ones.
+    """
+    digest = hashlib.sha256(json.dumps(package_versions(), sort_keys=True).encode())
+    for name in modules:
+        digest.update(inspect.getsource(importlib.import_module(name)).encode())
+    return digest.hexdigest()[:16]
 
 
 class CellCache:

@@ -153,3 +153,15 @@ def holm(p_values) -> np.ndarray:
     out = np.empty_like(adjusted)
     out[order] = adjusted
     return out
+
+
+def paired_average(correct_a: list, correct_b: list, resamples: int = RESAMPLES, seed: int = SEED) -> Comparison:
+    """Mean over tasks of per-task accuracy, a minus b: each task's questions resampled, paired, per draw."""
+    if len(correct_a) != len(correct_b) or not correct_a:
+        raise ValueError("paired_average needs the same non-empty list of tasks for both models.")
+    diffs = [_as_1d(a, "correct_a") - _as_1d(b, "correct_b") for a, b in zip(correct_a, correct_b, strict=True)]
+    rng = np.random.default_rng(seed)
+    samples = np.mean([d[rng.integers(0, d.size, size=(resamples, d.size))].mean(1) for d in diffs], axis=0)
+    low, high = _percentiles(samples)
+    diff = float(np.mean([d.mean() for d in diffs]))
+    return Comparison(diff, low, high, _verdict(low, high, True), int(sum(d.size for d in diffs)))

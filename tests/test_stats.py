@@ -66,6 +66,18 @@ def test_planted_difference_is_resolved_and_a_model_against_itself_is_not():
     assert stats.paired_perplexity(nll, nll, tokens).verdict == "not resolved"
 
 
+def test_paired_average_over_tasks():
+    rng = np.random.default_rng(6)
+    a = [(rng.random(300) < 0.6).astype(float), (rng.random(100) < 0.4).astype(float)]
+    b = [x.copy() for x in a]
+    b[0][np.flatnonzero(a[0])[:30]] = 0  # 10 points worse on the first task, equal on the second
+    cmp = stats.paired_average(a, b)
+    assert cmp.diff == pytest.approx(0.05) and cmp.verdict == "better" and cmp.n == 400
+    assert stats.paired_average(a, a).verdict == "not resolved"
+    # one task alone is the ordinary paired comparison
+    assert stats.paired_average(a[:1], b[:1]).diff == stats.paired_accuracy(a[0], b[0]).diff
+
+
 def _mcnemar_by_enumeration(only_a: int, only_b: int) -> float:
     """Sum of the probabilities of every split of the discordant pairs no likelier than the observed one."""
     n = only_a + only_b
