@@ -166,17 +166,20 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (sliced models too) or Hugging Face id")
     p.add_argument("--tasks", default="piqa,hellaswag,arc_easy,arc_challenge,winogrande", help="comma-separated")
     p.add_argument("--limit", type=int, default=None, help="score the first N questions of each task (default all)")
-    p.add_argument("--batch-size", type=int, default=8, help="(context, option) rows per forward pass")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="scoring precision")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default figures/zeroshot_MODEL.json)")
 
 
 @command("zeroshot", _zeroshot_args)
 def run_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot multiple-choice accuracy (acc, acc_norm, n per task) in the lm-evaluation-harness convention."""
+    import torch
+
     from helpers.models import load_model
     from helpers.storage import FIGURES_DIR, slug, write_json_atomic
     from helpers.tasks import load_task
-    from helpers.zeroshot import evaluate_task
+    from helpers.zeroshot import evaluate_task, in_dtype
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -184,9 +187,11 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     for task in tasks:  # fail on a bad task name or limit before loading the model
         load_task(task, 1 if args.limit is None else args.limit)
     model, tokenizer = load_model(args.model)
+    model = in_dtype(model, getattr(torch, args.dtype))
     summary = {task: evaluate_task(model, tokenizer, task, args.limit, args.batch_size).summary for task in tasks}
     out = args.out or FIGURES_DIR / f"zeroshot_{slug(args.model)}.json"
-    write_json_atomic(out, {"model": args.model, "limit": args.limit, "split": "validation", "tasks": summary})
+    record = {"model": args.model, "limit": args.limit, "split": "validation", "dtype": args.dtype, "tasks": summary}
+    write_json_atomic(out, record)
     print(f"{'task':<15}{'acc':>8}{'acc_norm':>10}{'n':>7}")
     for task, s in summary.items():
         norm = "-" if s["acc_norm"] is None else f"{s['acc_norm']:.4f}"

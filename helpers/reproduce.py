@@ -452,8 +452,10 @@ def figures(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> Non
         lab.allocation(lab.sliced_sp(sp0, sb0), sb0), title=f"{s.model}: SP={sp0}, SB={sb0} (best by perplexity)"
     )
     manifest.record(plots.save_figure(fig, out / "figure1_allocation"), "figure1", sp=sp0, sb=sb0, **s.cell_params())
+    limits = plots.accuracy_limits(cells, list(s.tasks))
+    dense = cells[cells["method"] == "dense"].iloc[0]
     for index, sp in enumerate(s.sps, start=2):
-        fig = plots.plot_accuracy_vs_sb(cells[cells["sp"] == sp], list(s.tasks), sp)
+        fig = plots.plot_accuracy_vs_sb(cells[cells["sp"] == sp], list(s.tasks), sp, dense, limits)
         files = plots.save_figure(fig, out / f"figure{index}_accuracy_vs_sb_sp{round(sp * 100)}")
         manifest.record(files, "accuracy_vs_sb", sp=sp, **s.cell_params())
     fig = plots.plot_perplexity_comparison(cells, best.reset_index())
