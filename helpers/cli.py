@@ -103,7 +103,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 @command("compare", _compare_args)
 def run_compare(args: argparse.Namespace) -> int:
-    """Depth pruning vs slicing at matched parameter counts; writes figures/depth_comparison.{csv,md}."""
+    """Depth pruning vs slicing at matched parameter counts; writes data/runs/depth_comparison.{csv,md}."""
     from helpers.compare import CompareSettings, compare, write_table
 
     settings = CompareSettings(

@@ -30,7 +30,7 @@ from helpers.adapters import get_adapter
 from helpers.depth import BlockScores, block_scores, parameter_count, remove_layers
 from helpers.models import DEFAULT_MODEL
 from helpers.stability import stability
-from helpers.storage import FIGURES_DIR, write_csv_atomic, write_text_atomic
+from helpers.storage import DATA_DIR, write_csv_atomic, write_text_atomic
 
 VARIANTS = (
     "dense",
@@ -40,6 +40,21 @@ VARIANTS = (
     "LLM-Streamline",
     "LLM-Streamline + replacement",
     "hybrid: ShortGPT + dynamic slicing",
+)
+
+
+# The modules whose source shapes a comparison cell: a change to any of them computes fresh cells.
+COMPARE_CODE = (
+    "helpers.compare",
+    "helpers.depth",
+    "helpers.replacement",
+    "helpers.stability",
+    "helpers.slicing",
+    "helpers.allocation",
+    "helpers.evaluation",
+    "helpers.zeroshot",
+    "helpers.tasks",
+    "helpers.textdata",
 )
 
 
@@ -176,7 +191,9 @@ def evaluate_variant(model: nn.Module, tokenizer, settings: CompareSettings, spe
     tasks = {}
     for task, result in evaluate(model, tokenizer, list(settings.tasks), settings.task_limit, 8).items():
         norm = result.summary["acc_norm"] is not None  # the accuracy reported is acc_norm where it exists
-        scores = [s / n if norm else s for s, n in zip(result.option_scores, result.option_lengths, strict=True)]
+        # stability reads log-likelihood per character for every task (WinoGrande: of its shared continuation),
+        # so that its softmax weights are on one scale
+        scores = [s / n for s, n in zip(result.option_scores, result.option_lengths, strict=True)]
         tasks[task] = dict(
             acc=result.summary["acc_norm"] if norm else result.summary["acc"],
             scores=[list(map(float, s)) for s in scores],
@@ -216,14 +233,15 @@ def compare(settings: CompareSettings = CompareSettings(), progress: bool = True
     """Build and evaluate every variant; return the table and the raw cells (with the training history)."""
     from tqdm.auto import tqdm
 
-    from helpers.results import CellCache
+    from helpers.results import CellCache, code_fingerprint
 
     cache = CellCache("depth_compare")
+    code = code_fingerprint(COMPARE_CODE)
     model, tokenizer, ctx = _context(settings, progress)
     speed_ids = ctx["calib_ids"][:2]
     cells = {}
     for name in tqdm(VARIANTS, desc="variants", disable=not progress):
-        params = dict(settings=asdict(settings), variant=name, plan=ctx["plan"])
+        params = dict(settings=asdict(settings), variant=name, plan=ctx["plan"], code=code)
 
         def compute(name=name) -> dict:
             variant, info = build_variant(name, model, ctx, settings)
@@ -264,8 +282,8 @@ def comparison_table(cells: dict[str, dict], plan_: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_table(table: pd.DataFrame, stem: str | Path = FIGURES_DIR / "depth_comparison") -> list[Path]:
-    """The table as CSV and as a Markdown table (for the README)."""
+def write_table(table: pd.DataFrame, stem: str | Path = DATA_DIR / "runs" / "depth_comparison") -> list[Path]:
+    """The table as CSV and as Markdown; under data/runs/ unless told (only `reproduce` writes into figures/)."""
     stem = Path(stem)
     csv = write_csv_atomic(table, stem.with_suffix(".csv"))
     md = write_text_atomic(stem.with_suffix(".md"), table.to_markdown(index=False, floatfmt=".3f") + "\n")

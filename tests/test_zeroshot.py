@@ -211,3 +211,20 @@ def test_cli_writes_acc_acc_norm_n(smol, tmp_path, monkeypatch, capsys):
     assert saved["copa"]["n"] == 3 and 0 <= saved["copa"]["acc_norm"] <= 1 and saved["winogrande"]["acc_norm"] is None
     assert "copa" in capsys.readouterr().out
     assert main(["zeroshot", "--tasks", "nope", "--limit", "3"]) == 2
+
+
+@pytest.mark.slow
+def test_bfloat16_agrees_with_float32_on_the_real_model(smol):
+    """What scripts/bench_zeroshot.py reports: same choice on most questions, no resolved accuracy change."""
+    from helpers.stats import paired_accuracy
+    from helpers.zeroshot import evaluate
+
+    model, tok = smol
+    fp32 = evaluate(model, tok, ["piqa"], 30)["piqa"]
+    bf16 = evaluate(model, tok, ["piqa"], 30, dtype=torch.bfloat16)["piqa"]
+    assert next(model.parameters()).dtype == torch.float32  # scored on a copy
+    assert np.mean(fp32.pred_norm == bf16.pred_norm) >= 0.9
+    gap = np.abs(np.concatenate(fp32.option_scores) - np.concatenate(bf16.option_scores))
+    assert 1e-4 < np.median(gap) < 1.0  # bfloat16 really ran, and stayed close
+    right = [(r.pred_norm == r.labels).astype(float) for r in (bf16, fp32)]
+    assert paired_accuracy(*right).verdict == "not resolved"
