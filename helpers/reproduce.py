@@ -365,12 +365,42 @@ def write_table(table: pd.DataFrame, stem: Path, manifest: Manifest, step: str, 
     return files
 
 
-def write_comparisons(cells: pd.DataFrame, settings: Settings, out: Path, manifest: Manifest) -> pd.DataFrame:
-    """The paired dynamic-vs-constant table and the README sentences generated from it."""
+def results_summary(results: pd.DataFrame, comparisons: pd.DataFrame, settings: Settings) -> str:
+    """The README's results table and statements: accuracy +/- SE, perplexity with its 95% interval."""
+    tasks = list(settings.tasks)
+    sizes = ", ".join(f"{t} {settings.task_limit(t) or 'all'}" for t in tasks)
+    lines = [
+        f"{MODEL_NAME}; {int(results['questions'].iloc[0])} questions per model "
+        f"({sizes}), zero-shot scored in "
+        f"{settings.dtype}; perplexity on {len(settings.eval_texts) * settings.eval_windows} x {settings.seqlen} "
+        f"tokens of {', '.join(settings.eval_texts)} (no BOS). Accuracy +/- one standard error; "
+        "perplexity with its 95% bootstrap interval over windows.",
+        "",
+        "| method | SP | SB | realised slice | parameters | average accuracy | perplexity (95% interval) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results.itertuples():
+        se = np.sqrt(sum(getattr(r, f"{t}_se") ** 2 for t in tasks)) / len(tasks)
+        sp, sb = ("-", "-") if r.method == "dense" else (f"{r.sp:.2f}", f"{r.sb:.2f}")
+        lines.append(
+            f"| {r.method} | {sp} | {sb} | {r.realised_slice:.3f} | {r.params:,} | {r.average:.3f} +/- {se:.3f} | "
+            f"{r.ppl_eval:.1f} ({r.ppl_eval_low:.1f}-{r.ppl_eval_high:.1f}) |"
+        )
+    return (
+        "\n".join(lines)
+        + "\n\nDynamic minus constant slicing at the same parameter count (paired):\n\n"
+        + (comparison_statements(comparisons))
+    )
+
+
+def write_comparisons(
+    cells: pd.DataFrame, results: pd.DataFrame, settings: Settings, out: Path, manifest: Manifest
+) -> pd.DataFrame:
+    """The paired dynamic-vs-constant table and the README text generated from it (`results_summary.md`)."""
     table = comparisons_table(cells, settings.tasks)
     write_table(table, out / "comparisons", manifest, "comparisons", **settings.cell_params())
-    text = write_text_atomic(out / "comparisons_statements.md", comparison_statements(table))
-    manifest.record(text, "comparisons", **settings.cell_params())
+    text = write_text_atomic(out / "results_summary.md", results_summary(results, table, settings))
+    manifest.record(text, "results_summary", **settings.cell_params())
     return table
 
 
@@ -498,7 +528,7 @@ def reproduce(settings: Settings, out: Path = FIGURES_DIR, progress: bool = True
     tables = {"cells": cells, "results": results_table(cells, settings.tasks)}
     write_table(cells, out / "sweep_cells", manifest, "sweep", **settings.cell_params())
     write_table(tables["results"], out / "results_table", manifest, "results_table", **settings.cell_params())
-    write_comparisons(cells, settings, out, manifest)
+    tables["comparisons"] = write_comparisons(cells, tables["results"], settings, out, manifest)
     figures(lab, cells, out, manifest)
     tables["speed"] = speed_table(lab, cells)
     write_table(

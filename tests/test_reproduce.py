@@ -72,6 +72,9 @@ def test_comparisons_give_paired_verdicts_and_generated_statements():
     text = reproduce.comparison_statements(table.reset_index())
     assert "SmolLM2-135M-Instruct, Q4_1 weights dequantised to float32" in text
     assert "**better**" in text and "**not resolved**" in text and "2 paired accuracy comparisons" in text
+    settings = reproduce.Settings(tasks=tasks, eval_texts=("great-expectations",))
+    summary = reproduce.results_summary(results_table(cells, tasks), table.reset_index(), settings)
+    assert "| constant | 0.30 | 0.30 |" in summary and "+/-" in summary and text in summary
 
 
 @pytest.mark.slow
@@ -90,7 +93,7 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
         "speed_table.csv",
         "sweep_cells.csv",
         "comparisons.csv",
-        "comparisons_statements.md",
+        "results_summary.md",
     ):
         assert (tmp_path / name).stat().st_size > 100, name
     assert manifest["versions"]["torch"] and manifest["files"]["results_table.csv"]["params"]["limit"] == settings.limit
