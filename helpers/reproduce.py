@@ -511,6 +511,7 @@ def depth_comparison(settings: Settings, sb: float, out: Path, manifest: Manifes
         eval_windows=settings.eval_windows,
         tasks=settings.tasks,
         task_limit=settings.limit,
+        dtype=settings.dtype,
     )
     table, _ = compare(compare_settings, progress=progress)
     manifest.record(
