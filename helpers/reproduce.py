@@ -548,3 +548,20 @@ def reproduce(settings: Settings, out: Path = FIGURES_DIR, progress: bool = True
     if progress:
         print(f"reproduce ({settings.model}) finished in {(time.time() - started) / 60:.1f} min; see {out}")
     return tables
+
+
+def check(settings: Settings, out: Path = FIGURES_DIR, sample: tuple[str, ...] = ("dense", "constant")) -> float:
+    """Recompute the first committed cell of each method in `sample` (no cache) and return the largest
+    relative difference from `out`/sweep_cells.csv over parameters, both perplexities and every task's accuracy."""
+    committed = pd.read_csv(out / "sweep_cells.csv")
+    lab = Lab(settings, progress=False)
+    worst = 0.0
+    for method in sample:
+        row = committed[committed["method"] == method].iloc[0]
+        model = lab.model if method == "dense" else lab.sliced(float(row["sp"]), float(row["sb"]))
+        fresh = flatten([{**lab.measure(model), "method": method}], settings.tasks).iloc[0]
+        for column in ("params", "ppl_select", "ppl_eval", *settings.tasks):
+            gap = abs(float(fresh[column]) - float(row[column])) / max(abs(float(row[column])), 1e-12)
+            print(f"{method:>9} {column:>14}: committed {float(row[column]):.6g}, now {float(fresh[column]):.6g}")
+            worst = max(worst, gap)
+    return worst

@@ -110,6 +110,8 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
     speed = tables["speed"]
     assert len(speed) == 3 and (speed["tokens_per_s_b1"] > 0).all() and (speed["peak_mb_b1"] > 100).all()
 
+    assert reproduce.check(settings, tmp_path) < 1e-4  # `reproduce --check`: the committed cells come back
+
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("a cached cell was recomputed")
 
