@@ -27,7 +27,14 @@ from helpers.reproduce import MODEL_NAME, paper_metric
 from helpers.tasks import TASKS, datasets_dir
 from helpers.zeroshot import evaluate
 
-HARNESS_TASKS = {"piqa": "piqa", "hellaswag": "hellaswag", "arc_easy": "arc_easy", "winogrande": "winogrande"}
+# the harness's own task definitions, relative to lm_eval/tasks/
+HARNESS_TASKS = {
+    "piqa": "piqa/piqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "winogrande": "winogrande/default.yaml",
+}
 
 
 def harness_yamls(folder: Path, tasks: list[str]) -> list[str]:
@@ -37,12 +44,11 @@ def harness_yamls(folder: Path, tasks: list[str]) -> list[str]:
     root = Path(lm_eval.__file__).parent / "tasks"
     names = []
     for task in tasks:
-        (original,) = [p for p in root.rglob(f"{HARNESS_TASKS[task]}.yaml") if p.parent.name in (task, "arc")]
         (arrow,) = (datasets_dir() / TASKS[task][0]).glob("*.arrow")
         name = f"{task}_offline"
-        folder.joinpath(f"{name}.yaml").write_text(
-            f"include: {original}\ntask: {name}\ndataset_path: arrow\ndataset_name: null\n"
-            f"dataset_kwargs:\n  data_files:\n    validation: {arrow}\n"
+        folder.joinpath(f"{name}.yaml").write_text(  # no test split: the harness then scores validation, as we do
+            f"include: {root / HARNESS_TASKS[task]}\ntask: {name}\ntag: []\ndataset_path: arrow\ndataset_name: null\n"
+            f"training_split: null\ntest_split: null\ndataset_kwargs:\n  data_files:\n    validation: {arrow}\n"
         )
         names.append(name)
     return names
