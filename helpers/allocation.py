@@ -346,3 +346,38 @@ def read_lr_csv(path: str) -> np.ndarray:
     if lr.size == 0 or not np.all(np.isfinite(lr)):
         raise ValueError(f"{path}: column 'lr' is empty or has non-numeric, NaN or infinite values; recompute it.")
     return lr
+
+
+def matched_sp(
+    lr: np.ndarray,
+    target_params: int,
+    sb: float,
+    shape: ModelShape,
+    fs_max: float = DEFAULT_FS_MAX,
+    multiple: int = DEFAULT_MULTIPLE,
+    rel_tol: float = 1e-3,
+) -> float:
+    """The SP whose (SP, SB) allocation has the parameter count nearest `target_params` (matched-size rows).
+
+    Constant slicing rounds every layer down and so removes more than SP asks; the dynamic row that
+    it is compared with is sliced at this SP instead of the nominal one, so both hold the same count.
+    """
+    lr = np.asarray(lr, dtype=np.float64)
+
+    def gap(sp: float) -> float:
+        try:
+            dims = allocate(lr, sp, sb, shape.hidden_size, fs_max, multiple).kept_dim
+        except ValueError:  # SP out of reach for these scores: count it as slicing too much
+            return -np.inf
+        return int(sliced_param_count(shape, dims)["total"]) - int(target_params)
+
+    low, high = sb + 1e-9, fs_max - 1e-9  # the count falls as SP grows: bisect on its sign
+    if gap(low) < 0 or gap(high) > 0:
+        raise ValueError(f"No SP in ({sb}, {fs_max}) reaches {target_params} parameters with SB={sb}.")
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if gap(mid) > 0 else (low, mid)
+    best = min((low, high), key=lambda sp: abs(gap(sp)))
+    if not abs(gap(best)) <= rel_tol * target_params:
+        raise ValueError(f"No reachable SP with SB={sb} comes within {rel_tol:.1%} of {target_params} parameters.")
+    return best

@@ -163,7 +163,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 @command("compare", _compare_args)
 def run_compare(args: argparse.Namespace) -> int:
-    """Depth pruning vs slicing at matched parameter counts; writes figures/depth_comparison.{csv,md}."""
+    """Depth pruning vs slicing at matched parameter counts; writes data/runs/depth_comparison.{csv,md}."""
     from helpers.compare import CompareSettings, compare, write_table
 
     settings = CompareSettings(
@@ -228,16 +228,19 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="piqa,hellaswag,arc_easy,arc_challenge,winogrande", help="comma-separated")
     p.add_argument("--limit", type=positive_int, default=None, help="score the first N questions of each task")
     p.add_argument("--batch-size", type=positive_int, default=8, help="(context, option) rows per forward pass")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="scoring precision")
     _out_args(p, None, "JSON path (default figures/zeroshot_MODEL.json)")
 
 
 @command("zeroshot", _zeroshot_args)
 def run_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot multiple-choice accuracy (acc, acc_norm, n per task) in the lm-evaluation-harness convention."""
+    import torch
+
     from helpers.models import load_model
     from helpers.storage import FIGURES_DIR, slug, write_json_atomic
     from helpers.tasks import load_task
-    from helpers.zeroshot import evaluate_task
+    from helpers.zeroshot import evaluate_task, in_dtype
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -245,9 +248,11 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     for task in tasks:  # fail on a bad task name or limit before loading the model
         load_task(task, 1 if args.limit is None else args.limit)
     model, tokenizer = load_model(args.model)
+    model = in_dtype(model, getattr(torch, args.dtype))
     summary = {task: evaluate_task(model, tokenizer, task, args.limit, args.batch_size).summary for task in tasks}
     out = args.out or FIGURES_DIR / f"zeroshot_{slug(args.model)}.json"
-    write_json_atomic(out, {"model": args.model, "limit": args.limit, "split": "validation", "tasks": summary})
+    record = {"model": args.model, "limit": args.limit, "split": "validation", "dtype": args.dtype, "tasks": summary}
+    write_json_atomic(out, record)
     print(f"{'task':<15}{'acc':>8}{'acc_norm':>10}{'n':>7}")
     for task, s in summary.items():
         norm = "-" if s["acc_norm"] is None else f"{s['acc_norm']:.4f}"
@@ -373,6 +378,7 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="reduced: < 30 min on 2 CPU cores")
     p.add_argument("--out", type=Path, default=None, help="output folder: new, empty or an earlier reproduce output")
     p.add_argument("--no-depth", action="store_true", help="skip the depth-pruning comparison")
+    p.add_argument("--check", action="store_true", help="recompute a sample of the committed cells, report the gap")
 
 
 @command("reproduce", _reproduce_args)
@@ -380,12 +386,16 @@ def run_reproduce(args: argparse.Namespace) -> int:
     """Regenerate every figure and table (with a manifest) into figures/; resumable."""
     import dataclasses
 
-    from helpers.reproduce import SIZES, reproduce
+    from helpers.reproduce import SIZES, check, reproduce
     from helpers.storage import FIGURES_DIR
 
     settings = dataclasses.replace(SIZES[args.size], model=args.model)
     if args.no_depth:
         settings = dataclasses.replace(settings, depth=False)
+    if args.check:
+        gap = check(settings, args.out or FIGURES_DIR)
+        print(f"largest relative difference against the committed cells: {gap:.2e}")
+        return 0
     reproduce(settings, args.out or FIGURES_DIR)
     return 0
 

@@ -30,7 +30,7 @@ from helpers.adapters import get_adapter
 from helpers.depth import BlockScores, block_scores, parameter_count, remove_layers
 from helpers.models import DEFAULT_MODEL
 from helpers.stability import stability
-from helpers.storage import FIGURES_DIR, write_csv_atomic, write_text_atomic
+from helpers.storage import DATA_DIR, write_csv_atomic, write_text_atomic
 
 VARIANTS = (
     "dense",
@@ -40,6 +40,21 @@ VARIANTS = (
     "LLM-Streamline",
     "LLM-Streamline + replacement",
     "hybrid: ShortGPT + dynamic slicing",
+)
+
+
+# The modules whose source shapes a comparison cell: a change to any of them computes fresh cells.
+COMPARE_CODE = (
+    "helpers.compare",
+    "helpers.depth",
+    "helpers.replacement",
+    "helpers.stability",
+    "helpers.slicing",
+    "helpers.allocation",
+    "helpers.evaluation",
+    "helpers.zeroshot",
+    "helpers.tasks",
+    "helpers.textdata",
 )
 
 
@@ -62,6 +77,7 @@ class CompareSettings:
     eval_windows: int = 16
     tasks: tuple[str, ...] = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande")
     task_limit: int = 50
+    dtype: str = "float32"  # zero-shot scoring precision (building the variants stays float32)
     batch_size: int = 4
 
 
@@ -174,9 +190,14 @@ def evaluate_variant(model: nn.Module, tokenizer, settings: CompareSettings, spe
         progress=False,
     )
     tasks = {}
-    for task, result in evaluate(model, tokenizer, list(settings.tasks), settings.task_limit, 8).items():
+    scored = evaluate(
+        model, tokenizer, list(settings.tasks), settings.task_limit, 8, dtype=getattr(torch, settings.dtype)
+    )
+    for task, result in scored.items():
         norm = result.summary["acc_norm"] is not None  # the accuracy reported is acc_norm where it exists
-        scores = [s / n if norm else s for s, n in zip(result.option_scores, result.option_lengths, strict=True)]
+        # stability reads log-likelihood per character for every task (WinoGrande: of its shared continuation),
+        # so that its softmax weights are on one scale
+        scores = [s / n for s, n in zip(result.option_scores, result.option_lengths, strict=True)]
         tasks[task] = dict(
             acc=result.summary["acc_norm"] if norm else result.summary["acc"],
             scores=[list(map(float, s)) for s in scores],
@@ -184,6 +205,8 @@ def evaluate_variant(model: nn.Module, tokenizer, settings: CompareSettings, spe
         )
     return dict(
         perplexity=ppl.perplexity,
+        window_nll=list(ppl.window_nll),
+        window_tokens=list(ppl.window_tokens),
         params=parameter_count(model),
         layers=len(get_adapter(model).layers(model)),
         tokens_per_s=prefill_throughput(model, speed_ids, repeats=3)["prefill_tokens_per_s"],
@@ -216,14 +239,15 @@ def compare(settings: CompareSettings = CompareSettings(), progress: bool = True
     """Build and evaluate every variant; return the table and the raw cells (with the training history)."""
     from tqdm.auto import tqdm
 
-    from helpers.results import CellCache
+    from helpers.results import CellCache, code_fingerprint
 
     cache = CellCache("depth_compare")
+    code = code_fingerprint(COMPARE_CODE)
     model, tokenizer, ctx = _context(settings, progress)
     speed_ids = ctx["calib_ids"][:2]
     cells = {}
     for name in tqdm(VARIANTS, desc="variants", disable=not progress):
-        params = dict(settings=asdict(settings), variant=name, plan=ctx["plan"])
+        params = dict(settings=asdict(settings), variant=name, plan=ctx["plan"], code=code)
 
         def compute(name=name) -> dict:
             variant, info = build_variant(name, model, ctx, settings)
@@ -236,26 +260,46 @@ def compare(settings: CompareSettings = CompareSettings(), progress: bool = True
     return comparison_table(cells, ctx["plan"]), dict(cells=cells, plan=ctx["plan"], scores=ctx["scores"])
 
 
-def comparison_table(cells: dict[str, dict], plan_: dict) -> pd.DataFrame:
-    """One row per variant: parameters, perplexity, mean and per-task accuracy, stability, speed."""
-    dense = cells["dense"]
+def _correct(result: dict) -> np.ndarray:
+    """Per question, 1 where the reported metric picks the label (scores are per character: acc_norm's argmax)."""
+    return np.array([int(np.argmax(s) == y) for s, y in zip(result["scores"], result["labels"], strict=True)])
+
+
+def comparison_table(cells: dict[str, dict], plan_: dict, reference: str = "dynamic slicing") -> pd.DataFrame:
+    """One row per variant: parameters, perplexity (95% interval), accuracy (+/- SE), stability, speed, and the
+    paired difference from `reference` on the same questions and windows with its 95% interval and verdict."""
+    from helpers import stats
+
+    dense, ref = cells["dense"], cells[reference]
     rows = []
     for name, cell in cells.items():
+        ci = stats.perplexity_interval(cell["window_nll"], cell["window_tokens"])
         row = dict(
             method=name,
             layers=cell["layers"],
             params=cell["params"],
             removed_pct=100 * (1 - cell["params"] / dense["params"]),
             perplexity=cell["perplexity"],
+            perplexity_low=ci.low,
+            perplexity_high=ci.high,
         )
-        accs, stabs = [], []
+        accs, stabs, ses = [], [], []
         for task, result in cell["tasks"].items():
             row[task] = result["acc"]
             accs.append(result["acc"])
-            ref = dense["tasks"][task]
-            stabs.append(stability(ref["scores"], result["scores"], ref["labels"]))
+            ses.append(stats.accuracy_se(_correct(result)))
+            ref_dense = dense["tasks"][task]
+            stabs.append(stability(ref_dense["scores"], result["scores"], ref_dense["labels"]))
+        tasks = list(cell["tasks"])
+        acc = stats.paired_average(
+            [_correct(cell["tasks"][t]) for t in tasks], [_correct(ref["tasks"][t]) for t in tasks]
+        )
+        ppl = stats.paired_perplexity(cell["window_nll"], ref["window_nll"], cell["window_tokens"])
         row.update(
             avg_acc=float(np.mean(accs)),
+            avg_acc_se=float(np.sqrt(np.sum(np.square(ses))) / len(ses)),
+            acc_vs_ref=f"{acc.diff:+.3f} ({acc.low:+.3f}, {acc.high:+.3f}) {acc.verdict}",
+            ppl_vs_ref=f"{ppl.diff:+.1f} ({ppl.low:+.1f}, {ppl.high:+.1f}) {ppl.verdict}",
             stability=float(np.mean(stabs)),
             tokens_per_s=cell["tokens_per_s"],
             removed=str(cell["info"].get("removed", "")),
@@ -264,8 +308,8 @@ def comparison_table(cells: dict[str, dict], plan_: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_table(table: pd.DataFrame, stem: str | Path = FIGURES_DIR / "depth_comparison") -> list[Path]:
-    """The table as CSV and as a Markdown table (for the README)."""
+def write_table(table: pd.DataFrame, stem: str | Path = DATA_DIR / "runs" / "depth_comparison") -> list[Path]:
+    """The table as CSV and as Markdown; under data/runs/ unless told (only `reproduce` writes into figures/)."""
     stem = Path(stem)
     csv = write_csv_atomic(table, stem.with_suffix(".csv"))
     md = write_text_atomic(stem.with_suffix(".md"), table.to_markdown(index=False, floatfmt=".3f") + "\n")

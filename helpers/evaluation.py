@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from helpers.stats import Interval, perplexity_interval
 from helpers.textdata import load_windows
 
 
@@ -29,9 +30,15 @@ class PerplexityResult:
     windows: int
     seqlen: int
     bos: bool = False  # no BOS token is prepended
+    window_nll: tuple[float, ...] = ()  # NLL sum of each window (nats): what the bootstrap resamples
+    window_tokens: tuple[int, ...] = ()  # predicted tokens of each window
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def interval(self) -> Interval:
+        """Perplexity with its 95% bootstrap interval over windows (helpers.stats)."""
+        return perplexity_interval(self.window_nll, self.window_tokens)
 
 
 def perplexity_on_ids(
@@ -43,18 +50,21 @@ def perplexity_on_ids(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    window_nll: list[float] = []
     starts = range(0, input_ids.shape[0], batch_size)
     with torch.no_grad():
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
             ids = input_ids[start : start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             targets = ids[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            total += float(nll.double())
-            count += targets.numel()
-    mean = total / count
-    return PerplexityResult(math.exp(mean), mean, count, input_ids.shape[0], input_ids.shape[1])
+            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            window_nll += nll.double().sum(1).tolist()
+    count = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    mean = math.fsum(window_nll) / count
+    tokens = (input_ids.shape[1] - 1,) * input_ids.shape[0]
+    return PerplexityResult(
+        math.exp(mean), mean, count, input_ids.shape[0], input_ids.shape[1], False, tuple(window_nll), tokens
+    )
 
 
 def perplexity(

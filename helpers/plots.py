@@ -263,10 +263,38 @@ def plot_allocation(alloc: Allocation, title: str = "") -> plt.Figure:
     return AllocationFigure(alloc, title=title).fig
 
 
-def plot_accuracy_vs_sb(cells: pd.DataFrame, tasks: list[str], sp: float) -> plt.Figure:
-    """The paper's Figures 2-5 for one SP: each task's accuracy and the average against SB.
+def _se(frame: pd.DataFrame, panel: str, tasks: list[str]) -> np.ndarray | None:
+    """Standard error of a panel's accuracy; the average's combines the tasks' as independent."""
+    if panel != "average":
+        return frame[f"{panel}_se"].to_numpy() if f"{panel}_se" in frame else None
+    if not all(f"{t}_se" in frame for t in tasks):
+        return None
+    return np.sqrt(sum(frame[f"{t}_se"].to_numpy() ** 2 for t in tasks)) / len(tasks)
 
-    The red horizontal line is constant slicing (SB = SP), the SliceGPT baseline.
+
+def accuracy_limits(cells: pd.DataFrame, tasks: list[str]) -> dict[str, tuple[float, float]]:
+    """One y-range per panel over every SP (and dense), so that Figures 2-4 share their axes."""
+    limits = {}
+    for panel in [*tasks, "average"]:
+        se = _se(cells, panel, tasks)
+        se = 0 if se is None else se
+        low, high = float(np.min(cells[panel] - se)), float(np.max(cells[panel] + se))
+        pad = 0.05 * max(high - low, 0.02)
+        limits[panel] = (low - pad, high + pad)
+    return limits
+
+
+def plot_accuracy_vs_sb(
+    cells: pd.DataFrame,
+    tasks: list[str],
+    sp: float,
+    dense: pd.Series | None = None,
+    limits: dict[str, tuple[float, float]] | None = None,
+) -> plt.Figure:
+    """The paper's Figures 2-5 for one SP: each task's accuracy (+/- one standard error) and the average against SB.
+
+    The red horizontal line is constant slicing (SB = SP), the SliceGPT baseline, with its standard-error band;
+    the dashed line is the dense model. `limits` (see `accuracy_limits`) fixes each panel's y-range.
     """
     use_style()
     panels = [*tasks, "average"]
@@ -276,15 +304,32 @@ def plot_accuracy_vs_sb(cells: pd.DataFrame, tasks: list[str], sp: float) -> plt
     ordered = cells.sort_values("sb")
     constant = ordered[np.isclose(ordered["sb"], sp)]
     for ax, panel in zip(axes.flat, panels, strict=False):
-        ax.plot(ordered["sb"], ordered[panel], marker="o", ms=4, color=COLORS["dynamic"], label="dynamic (SB)")
+        ax.errorbar(
+            ordered["sb"],
+            ordered[panel],
+            yerr=_se(ordered, panel, tasks),
+            marker="o",
+            ms=4,
+            capsize=2,
+            color=COLORS["dynamic"],
+            label="dynamic (SB), +/- 1 SE",
+        )
         if len(constant):
-            ax.axhline(constant[panel].iloc[0], color=COLORS["constant"], lw=1.5, label="constant (SB = SP)")
+            level = constant[panel].iloc[0]
+            ax.axhline(level, color=COLORS["constant"], lw=1.5, label="constant (SB = SP)")
+            se = _se(constant, panel, tasks)
+            if se is not None:
+                ax.axhspan(level - se[0], level + se[0], color=COLORS["constant"], alpha=0.12, lw=0)
+        if dense is not None:
+            ax.axhline(dense[panel], color=COLORS["dense"], ls="--", lw=1, label="dense")
+        if limits:
+            ax.set_ylim(*limits[panel])
         ax.set_title(panel)
         ax.set_xlabel("SB (base slice)")
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     axes.flat[0].set_ylabel("accuracy")
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=7)
     questions = int(cells["questions"].iloc[0]) if "questions" in cells else 0
     fig.suptitle(f"Accuracy against SB at SP = {sp:.2f} ({questions} questions per model)")
     fig.tight_layout()
@@ -292,29 +337,40 @@ def plot_accuracy_vs_sb(cells: pd.DataFrame, tasks: list[str], sp: float) -> plt
 
 
 def plot_perplexity_comparison(cells: pd.DataFrame, best: pd.DataFrame) -> plt.Figure:
-    """Left: held-out perplexity against SB for every SP. Right: dense vs constant vs best dynamic per SP."""
+    """Left: held-out perplexity against SB for every SP. Right: dense vs constant vs best dynamic per SP.
+
+    Error bars are the 95% bootstrap intervals over windows where the cells carry them.
+    """
     use_style()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     sliced = cells[cells["method"] != "dense"]
+    intervals = "ppl_eval_low" in cells
+
+    def yerr(frame: pd.DataFrame) -> np.ndarray | None:
+        if not intervals:
+            return None
+        return np.abs(np.stack([frame["ppl_eval"] - frame["ppl_eval_low"], frame["ppl_eval_high"] - frame["ppl_eval"]]))
+
     for sp, group in sliced.groupby("sp"):
         group = group.sort_values("sb")
-        left.plot(group["sb"], group["ppl_eval"], marker="o", ms=4, label=f"SP = {sp:.2f}")
+        left.errorbar(
+            group["sb"], group["ppl_eval"], yerr=yerr(group), marker="o", ms=4, capsize=2, label=f"SP = {sp:.2f}"
+        )
     left.set_xlabel("SB (base slice; SB = SP is constant slicing)")
-    left.set_ylabel("perplexity (held-out book)")
+    left.set_ylabel("perplexity (held-out books)")
     left.set_title("Perplexity against SB")
-    left.legend(fontsize=8)
     dense = float(cells.loc[cells["method"] == "dense", "ppl_eval"].iloc[0])
-    constant = sliced[sliced["method"] == "constant"].set_index("sp")["ppl_eval"]
-    dynamic = best.set_index("sp")["ppl_eval"]
+    left.axhline(dense, color=COLORS["dense"], ls="--", lw=1, label="dense")
+    left.legend(fontsize=8)
+    constant = sliced[sliced["method"] == "constant"].set_index("sp")
+    dynamic = best.set_index("sp").reindex(constant.index)
     x = np.arange(len(constant))
-    right.bar(x - 0.2, constant.to_numpy(), 0.4, color=COLORS["constant"], label="constant")
-    right.bar(
-        x + 0.2, dynamic.reindex(constant.index).to_numpy(), 0.4, color=COLORS["dynamic"], label="dynamic (best SB)"
-    )
+    right.bar(x - 0.2, constant["ppl_eval"], 0.4, yerr=yerr(constant), color=COLORS["constant"], label="constant")
+    right.bar(x + 0.2, dynamic["ppl_eval"], 0.4, yerr=yerr(dynamic), color=COLORS["dynamic"], label="dynamic (best SB)")
     right.axhline(dense, color=COLORS["dense"], ls="--", lw=1, label=f"dense ({dense:.1f})")
     right.set_xticks(x, [f"{sp:.2f}" for sp in constant.index])
-    right.set_xlabel("SP (mean slice)")
-    right.set_ylabel("perplexity (held-out book)")
+    right.set_xlabel("SP (mean slice; both bars at the same parameter count)")
+    right.set_ylabel("perplexity (held-out books)")
     right.set_title("Dense, constant and best dynamic")
     right.legend(fontsize=8)
     fig.tight_layout()

@@ -77,7 +77,7 @@ from IPython.display import Markdown, display
 
 from helpers import plots
 from helpers.readings import read_results_table, read_speed_table
-from helpers.reproduce import SIZES, Lab, best_dynamic, results_table, sweep
+from helpers.reproduce import SIZES, Lab, best_dynamic, comparisons_table, results_table, sweep
 from helpers.storage import FIGURES_DIR
 
 overrides = {k: v for k, v in {"sps": SPS, "tasks": TASKS, "limit": LIMIT}.items() if v is not None}
@@ -128,17 +128,30 @@ display(Markdown(read_results_table(table, tasks, settings.limit)))
 best = best_dynamic(cells).set_index("sp")
 sp0 = settings.sps[0]
 sb0 = float(best.loc[sp0, "sb"])
-plots.plot_allocation(lab.allocation(sp0, sb0), title=f"SP = {sp0}, SB = {sb0}")
+plots.plot_allocation(lab.allocation(lab.sliced_sp(sp0, sb0), sb0), title=f"SP = {sp0}, SB = {sb0}")
 # %% [markdown]
 # ## Figures 2-5: accuracy against SB
 #
-# The red line is constant slicing (SB = SP). Points above it are settings where dynamic slicing
-# beats SliceGPT at the same mean slice. With a few dozen questions per task one question moves
-# accuracy by a few points: read the average and the perplexity before single tasks.
+# The red line is constant slicing (SB = SP) with its standard-error band; the dashed line is the
+# dense model; error bars are one standard error. Every dynamic point is sliced at the parameter
+# count of constant slicing, and every figure shares its y-limits with the others.
 
 # %%
+limits = plots.accuracy_limits(cells, tasks)
+dense = cells[cells["method"] == "dense"].iloc[0]
 for sp in settings.sps:
-    plots.plot_accuracy_vs_sb(cells[cells["sp"] == sp], tasks, sp)
+    plots.plot_accuracy_vs_sb(cells[cells["sp"] == sp], tasks, sp, dense, limits)
+
+# %% [markdown]
+# ## Dynamic vs constant, paired
+#
+# Both models answer the same questions and see the same windows, so their difference has a much
+# narrower interval than their two separate intervals suggest (paired bootstrap, fixed seed). The
+# verdict is read from the 95% interval; McNemar's exact test is the closed-form check, with a Holm
+# correction for the number of comparisons in the table.
+
+# %%
+comparisons_table(cells, settings.tasks).round(4)
 
 # %% [markdown]
 # ## Perplexity: dense, constant, dynamic

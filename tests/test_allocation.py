@@ -15,6 +15,7 @@ from helpers.allocation import (
     allocation_table,
     dense_param_count,
     kept_dims,
+    matched_sp,
     param_summary,
     slice_fractions,
     sliced_param_count,
@@ -213,3 +214,17 @@ def test_slider_callback_updates_image_and_readout(tmp_path):
     app.model.value = app.model.options[1]  # another LR vector: new figure, same SP and SB
     floored = 1 - np.floor(0.95 * shape.hidden_size / 8) * 8 / shape.hidden_size  # SB = SP rounds down (SliceGPT)
     assert app.image.value != shown and f"realised-mean'>{floored:.3f}<" in app.readout.value
+
+
+def test_matched_sp_reaches_the_constant_count_within_a_tenth_of_a_percent():
+    shape = ModelShape.from_pretrained("smollm2-135m")  # config only: 30 layers, d = 576
+    lr = np.random.default_rng(5).uniform(0.7, 0.99, shape.n_layers)
+    for sp in (0.30, 0.35, 0.40):
+        target = sliced_param_count(shape, allocate(lr, sp, sp, shape.hidden_size).kept_dim)["total"]
+        for sb in (0.0, 0.15, 0.25):
+            matched = matched_sp(lr, target, sb, shape)
+            count = sliced_param_count(shape, allocate(lr, matched, sb, shape.hidden_size).kept_dim)["total"]
+            assert abs(count - target) / target < 1e-3 and matched >= sp
+    for impossible in (10, 10**12):
+        with pytest.raises(ValueError, match=r"No .*SP"):
+            matched_sp(lr, impossible, 0.1, shape)

@@ -181,17 +181,25 @@ def test_comparison_table_from_cells():
     labels = rng.integers(0, 4, 30).tolist()
     noisy = (np.array(scores) + rng.normal(scale=2.0, size=(30, 4))).tolist()
 
-    def cell(params, task_scores, acc):
+    def cell(params, task_scores, acc, nll=3.0):
         return dict(
             layers=4,
             params=params,
-            perplexity=10.0,
+            perplexity=float(np.exp(nll)),
+            window_nll=[nll * 10] * 4,
+            window_tokens=[10] * 4,
             tokens_per_s=1.0,
             info={},
             tasks={"piqa": dict(acc=acc, scores=task_scores, labels=labels)},
         )
 
-    table = comparison_table({"dense": cell(100, scores, 0.6), "pruned": cell(75, noisy, 0.4)}, {})
+    table = comparison_table(
+        {"dense": cell(100, scores, 0.6), "pruned": cell(75, noisy, 0.4, nll=3.5)}, {}, reference="dense"
+    )
     dense, pruned = table.iloc[0], table.iloc[1]
     assert dense["stability"] == pytest.approx(1.0) and 0 < pruned["stability"] < 1
     assert pruned["removed_pct"] == pytest.approx(25.0) and pruned["avg_acc"] == pytest.approx(0.4)
+    right = np.mean(np.argmax(scores, 1) == labels)
+    assert dense["avg_acc_se"] == pytest.approx(np.sqrt(right * (1 - right) / 29))
+    assert dense["acc_vs_ref"].endswith("not resolved") and pruned["ppl_vs_ref"].endswith("worse")
+    assert dense["perplexity_low"] == pytest.approx(np.exp(3.0))

@@ -66,6 +66,10 @@ def test_perplexity_matches_a_direct_computation():
     nll = F.cross_entropy(logits.reshape(-1, 128), ids[:, 1:].reshape(-1))
     assert result.tokens == 5 * 11 and result.windows == 5 and not result.bos
     assert math.isclose(result.perplexity, math.exp(nll.item()), rel_tol=1e-5)
+    per_window = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(1)
+    assert result.window_tokens == (11,) * 5
+    assert torch.allclose(torch.tensor(result.window_nll, dtype=torch.float32), per_window, rtol=1e-5)
+    assert result.interval().low <= result.perplexity <= result.interval().high
     with pytest.raises(ValueError):
         perplexity_on_ids(model, ids[0], progress=False)
 

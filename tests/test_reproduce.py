@@ -12,12 +12,14 @@ from helpers import reproduce
 from helpers.reproduce import SIZES, best_dynamic, flatten, results_table
 
 
-def cell(method, sp, sb, ppl_select, acc):
+def cell(method, sp, sb, ppl_select, acc, correct=(1, 0) * 5, nll=(3.0,) * 4):
     tasks = {
-        "piqa": {"acc": acc, "acc_norm": acc + 0.1, "n": 10},
-        "winogrande": {"acc": acc, "acc_norm": None, "n": 10},
+        "piqa": {"acc": acc, "acc_norm": acc + 0.1, "n": 10, "correct": list(correct)},
+        "winogrande": {"acc": acc, "acc_norm": None, "n": 10, "correct": list(correct)},
     }
     return {
+        "eval_window_nll": [v * 10 for v in nll],
+        "eval_window_tokens": [10] * len(nll),
         "method": method,
         "sp": sp,
         "sb": sb,
@@ -44,6 +46,35 @@ def test_tables_use_paper_metrics_and_pick_sb_by_selection_perplexity():
     table = results_table(cells, ("piqa", "winogrande"))
     assert table["method"].tolist() == ["dense", "constant", "dynamic"]
     assert table["params_kept"].tolist() == [1.0, 0.8, 0.8]
+    assert table.loc[0, "piqa_se"] == pytest.approx(np.sqrt(0.25 / 9))  # five of ten right
+    assert table.loc[0, "ppl_eval_low"] == pytest.approx(np.exp(3.0))  # identical windows: no spread
+
+
+def test_comparisons_give_paired_verdicts_and_generated_statements():
+    tasks = ("piqa", "winogrande")
+    rng = np.random.default_rng(0)
+    right = (rng.random(200) < 0.6).astype(int)
+    worse = right.copy()
+    worse[np.flatnonzero(right)[:40]] = 0  # constant misses 40 questions dynamic gets right
+    nll = tuple(rng.normal(3.0, 0.2, 16))
+    cells = flatten(
+        [
+            cell("dense", 0, 0, 10, 0.6, right, nll),
+            cell("constant", 0.3, 0.3, 30, 0.5, worse, nll),
+            cell("dynamic", 0.3, 0.1, 25, 0.6, right, nll),
+        ],
+        tasks,
+    )
+    table = reproduce.comparisons_table(cells, tasks).set_index("metric")
+    assert table.loc["piqa", "verdict"] == "better" and table.loc["average", "verdict"] == "better"
+    assert table.loc["perplexity", "verdict"] == "not resolved" and table.loc["perplexity", "diff"] == 0
+    assert table.loc["piqa", "holm_p"] == pytest.approx(min(1.0, 2 * table.loc["piqa", "mcnemar_p"]))
+    text = reproduce.comparison_statements(table.reset_index())
+    assert "SmolLM2-135M-Instruct, Q4_1 weights dequantised to float32" in text
+    assert "**better**" in text and "**not resolved**" in text and "2 paired accuracy comparisons" in text
+    settings = reproduce.Settings(tasks=tasks, eval_texts=("great-expectations",))
+    summary = reproduce.results_summary(results_table(cells, tasks), table.reset_index(), settings)
+    assert "| constant | 0.30 | 0.30 |" in summary and "+/-" in summary and text in summary
 
 
 @pytest.mark.slow
@@ -61,6 +92,8 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
         "results_table.csv",
         "speed_table.csv",
         "sweep_cells.csv",
+        "comparisons.csv",
+        "results_summary.md",
     ):
         assert (tmp_path / name).stat().st_size > 100, name
     assert manifest["versions"]["torch"] and manifest["files"]["results_table.csv"]["params"]["limit"] == settings.limit
@@ -69,9 +102,15 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
     assert results["method"].tolist() == ["dense", "constant", "dynamic"]
     dense, constant, dynamic = results["params"]
     assert constant < dense and dynamic < dense  # tied layout: slicing removes parameters
+    assert abs(dynamic - constant) / constant < 1e-3  # matched size
+    assert (results["ppl_eval_low"] <= results["ppl_eval"]).all() and (
+        results["ppl_eval"] <= results["ppl_eval_high"]
+    ).all()
     assert np.all(results["questions"] == settings.limit * len(settings.tasks))
     speed = tables["speed"]
     assert len(speed) == 3 and (speed["tokens_per_s_b1"] > 0).all() and (speed["peak_mb_b1"] > 100).all()
+
+    assert reproduce.check(settings, tmp_path) < 1e-4  # `reproduce --check`: the committed cells come back
 
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("a cached cell was recomputed")

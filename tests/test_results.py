@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers.results import CellCache, Manifest
+from helpers.results import CellCache, Manifest, code_fingerprint
 
 
 def test_cell_cache_computes_once_and_survives_an_interrupted_cell(tmp_path):
@@ -43,3 +43,21 @@ def test_manifest_records_each_file_with_its_step(tmp_path):
     assert "torch" in saved["versions"]
     again = Manifest(tmp_path, model="smollm2-135m", seed=0)  # a rerun keeps earlier entries
     assert "fig.png" in again.files
+
+
+def test_cache_key_changes_when_the_computing_function_changes(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    module = tmp_path / "t11_cell_code.py"
+    module.write_text("def compute():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    first = code_fingerprint(("t11_cell_code",))
+    assert first == code_fingerprint(("t11_cell_code",))
+    module.write_text("def compute():\n    return 2  # a changed function\n")
+    sys.modules.pop("t11_cell_code")
+    second = code_fingerprint(("t11_cell_code",))
+    assert second != first
+    cache = CellCache("cells", root=tmp_path)
+    assert cache.path({"sp": 0.3, "code": first}) != cache.path({"sp": 0.3, "code": second})

@@ -17,7 +17,7 @@ import torch
 
 from helpers import tasks as T
 from helpers.models import tiny_model
-from helpers.zeroshot import TaskResult, evaluate_task, lm_eval_harness, score_rows, summarise
+from helpers.zeroshot import TaskResult, evaluate_task, lm_eval_harness, score_rows, score_rows_shared, summarise
 
 SLICES = dict.fromkeys(["piqa", "winogrande", "copa", "arc_easy", "arc_challenge", "hellaswag", "boolq"], 50)
 
@@ -140,6 +140,24 @@ def test_padded_batches_match_single_rows(family):
         np.testing.assert_allclose(score_rows(model, rows, batch_size), want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_shared_context_scorer_matches_single_rows(family):
+    """Options share a context (cached once), contexts differ in length, some continuations are one token."""
+    model = tiny_model(family, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(9):
+        context = torch.randint(0, 128, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
+            cont = torch.randint(0, 128, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
+            rows.append((context + cont, len(cont)))
+    want = np.array([direct_row_score(model, t, n) for t, n in rows])
+    for batch_size in (1, 3, 16):
+        np.testing.assert_allclose(score_rows_shared(model, rows, batch_size), want, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="context token"):
+        score_rows_shared(model, [([5, 6], 2)])
+
+
 # ---------------------------------------------------------------- real model (slow)
 
 
@@ -193,3 +211,20 @@ def test_cli_writes_acc_acc_norm_n(smol, tmp_path, monkeypatch, capsys):
     assert saved["copa"]["n"] == 3 and 0 <= saved["copa"]["acc_norm"] <= 1 and saved["winogrande"]["acc_norm"] is None
     assert "copa" in capsys.readouterr().out
     assert main(["zeroshot", "--tasks", "nope", "--limit", "3"]) == 2
+
+
+@pytest.mark.slow
+def test_bfloat16_agrees_with_float32_on_the_real_model(smol):
+    """What scripts/bench_zeroshot.py reports: same choice on most questions, no resolved accuracy change."""
+    from helpers.stats import paired_accuracy
+    from helpers.zeroshot import evaluate
+
+    model, tok = smol
+    fp32 = evaluate(model, tok, ["piqa"], 30)["piqa"]
+    bf16 = evaluate(model, tok, ["piqa"], 30, dtype=torch.bfloat16)["piqa"]
+    assert next(model.parameters()).dtype == torch.float32  # scored on a copy
+    assert np.mean(fp32.pred_norm == bf16.pred_norm) >= 0.9
+    gap = np.abs(np.concatenate(fp32.option_scores) - np.concatenate(bf16.option_scores))
+    assert 1e-4 < np.median(gap) < 1.0  # bfloat16 really ran, and stayed close
+    right = [(r.pred_norm == r.labels).astype(float) for r in (bf16, fp32)]
+    assert paired_accuracy(*right).verdict == "not resolved"
