@@ -14,7 +14,7 @@ Conventions (helpers/adapters, sliced_shape contract): x is a row vector and
 MLP inputs, its MLP writes d_{i+1}, and d_L = d (the head reads the full
 width; the last basis is the identity). With `tied=True` the model keeps one
 V x d embedding table shared by input and output, plus a d x d_0 input matrix
-and a d x d output matrix, instead of a second V x d_0 table.
+and the final norm's d-vector scale, instead of a second V x d_0 table.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from helpers.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tied head stores the final norm's scale as a d-vector, not a d x d matrix
 DAMPING = 0.01  # fraction of the mean eigenvalue added to the covariance diagonal
 
 
@@ -104,15 +104,19 @@ class RotatedEmbedding(nn.Module):
 
 
 class TiedHead(nn.Module):
-    """Tied layout, output side: map back through the last basis and the final norm's scale (d x d), then the table."""
+    """Tied layout, output side: the final norm's scale (a d-vector), then the shared table.
+
+    The last basis is the identity, so mapping back to the table's coordinates
+    is exactly diag(scale): a per-coordinate product, not a d x d matmul.
+    """
 
     def __init__(self, table: nn.Embedding) -> None:
         super().__init__()
         self.table = table  # the same module as RotatedEmbedding.table: one set of parameters
-        self.proj = nn.Linear(table.embedding_dim, table.embedding_dim, bias=False)
+        self.scale = nn.Parameter(torch.ones(table.embedding_dim, dtype=table.weight.dtype), requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.proj(hidden_states), self.table.weight)
+        return nn.functional.linear(hidden_states * self.scale, self.table.weight)
 
 
 @dataclass
@@ -389,8 +393,8 @@ def _finish_ends(
     if tied:
         embedding = RotatedEmbedding(table, first_basis.shape[1]).to(table.weight.dtype)
         _set_linear(embedding.proj, first_basis.T)
-        head = TiedHead(table).to(table.weight.dtype)
-        _set_linear(head.proj, torch.diag(final_scale))
+        head = TiedHead(table)
+        head.scale.copy_(final_scale.to(head.scale.dtype))
         adapter.set_embedding(model, embedding)
         adapter.set_head(model, head)
     else:
@@ -416,7 +420,7 @@ def untie_sliced(model: nn.Module) -> nn.Module:
         new_embedding = nn.Embedding(table.shape[0], embedding.proj.out_features, dtype=dtype)
         new_embedding.weight = nn.Parameter((table @ embedding.proj.weight.double().T).to(dtype), requires_grad=False)
         new_head = nn.Linear(table.shape[1], table.shape[0], bias=False, dtype=dtype)
-        _set_linear(new_head, table @ head.proj.weight.double())
+        _set_linear(new_head, table * head.scale.double())
     adapter.set_embedding(model, new_embedding.to(table.device))
     adapter.set_head(model, new_head)
     model.slicing_info.tied = False
