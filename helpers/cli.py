@@ -305,12 +305,18 @@ def run_speed(args: argparse.Namespace) -> int:
 
 
 def _reproduce_args(p: argparse.ArgumentParser) -> None:
-    from helpers.reproduce import SIZES
+    from helpers.reproduce import EXECUTORS, SIZES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="reduced: < 30 min on 2 CPU cores")
     p.add_argument("--out", type=Path, default=None, help="output folder (default figures/)")
     p.add_argument("--no-depth", action="store_true", help="skip the depth-pruning comparison")
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="inprocess",
+        help="where sweep cells run: this process, local jobs, a SLURM job array (submitit), Ray tasks",
+    )
 
 
 @command("reproduce", _reproduce_args)
@@ -324,7 +330,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(SIZES[args.size], model=args.model)
     if args.no_depth:
         settings = dataclasses.replace(settings, depth=False)
-    reproduce(settings, args.out or FIGURES_DIR)
+    reproduce(settings, args.out or FIGURES_DIR, executor=args.executor)
     return 0
 
 

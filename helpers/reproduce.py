@@ -153,22 +153,31 @@ class Lab:
         }
 
 
-def sweep(lab: Lab, cache: CellCache | None = None) -> pd.DataFrame:
-    """Dense plus every (SP, SB) cell, computed or read from the cache; one flat row per cell."""
+def sweep_cells(settings: Settings) -> list[tuple[float, float | None]]:
+    """Every cell of the sweep as (SP, SB); (0, None) is the dense model."""
     from helpers.slicing import sb_values
 
+    return [(0.0, None)] + [(sp, sb) for sp in settings.sps for sb in sb_values(sp, settings.sb_step)]
+
+
+def cell_result(lab: Lab, cache: CellCache, sp: float, sb: float | None) -> dict:
+    """One cell's measurements, from the cache or computed and cached (atomically)."""
+    s = lab.settings
+    if sb is None:
+        return cache.get_or_compute(s.cell_params(kind="dense"), lambda: lab.measure(lab.model))
+    return cache.get_or_compute(s.cell_params(kind="sliced", sp=sp, sb=sb), lambda: lab.measure(lab.sliced(sp, sb)))
+
+
+def sweep(lab: Lab, cache: CellCache | None = None) -> pd.DataFrame:
+    """Dense plus every (SP, SB) cell, computed or read from the cache; one flat row per cell."""
     s, cache = lab.settings, cache or CellCache("sweep")
-    cells = [(0.0, None)] + [(sp, sb) for sp in s.sps for sb in sb_values(sp, s.sb_step)]
     rows = []
-    for sp, sb in tqdm(cells, desc="sweep cells", unit="cell", disable=not lab.progress):
+    for sp, sb in tqdm(sweep_cells(s), desc="sweep cells", unit="cell", disable=not lab.progress):
+        result = cell_result(lab, cache, sp, sb)
         if sb is None:
-            result = cache.get_or_compute(s.cell_params(kind="dense"), lambda: lab.measure(lab.model))
             rows.append({"method": "dense", "sp": 0.0, "sb": 0.0, "realised_slice": 0.0, **result})
             continue
         realised = 1 - float(np.mean(lab.allocation(sp, sb).kept_dim)) / lab.model.config.hidden_size
-        result = cache.get_or_compute(
-            s.cell_params(kind="sliced", sp=sp, sb=sb), lambda sp=sp, sb=sb: lab.measure(lab.sliced(sp, sb))
-        )
         method = "constant" if np.isclose(sb, sp) else "dynamic"
         rows.append({"method": method, "sp": sp, "sb": sb, "realised_slice": realised, **result})
     return flatten(rows, s.tasks)
@@ -347,11 +356,17 @@ def depth_comparison(settings: Settings, sb: float, out: Path, manifest: Manifes
     return table
 
 
-def reproduce(settings: Settings, out: Path = FIGURES_DIR, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Run every step and write figures, tables and the manifest into `out`; returns the tables."""
+def reproduce(
+    settings: Settings, out: Path = FIGURES_DIR, progress: bool = True, executor: str = "inprocess"
+) -> dict[str, pd.DataFrame]:
+    """Run every step and write figures, tables and the manifest into `out`; returns the tables.
+
+    With `executor` local, slurm or ray the sweep cells run first as independent jobs (`run_cells`).
+    """
     started = time.time()
     manifest = Manifest(out, model=settings.model, seed=settings.seed, settings=dataclasses.asdict(settings))
-    lab = Lab(settings, progress)
+    lab = Lab(settings, progress)  # also caches the LR scores before any job needs them
+    run_cells(settings, executor)
     cells = sweep(lab)
     tables = {"cells": cells, "results": results_table(cells, settings.tasks)}
     write_table(cells, out / "sweep_cells", manifest, "sweep", **settings.cell_params())
@@ -374,3 +389,74 @@ def reproduce(settings: Settings, out: Path = FIGURES_DIR, progress: bool = True
     if progress:
         print(f"reproduce ({settings.model}) finished in {(time.time() - started) / 60:.1f} min; see {out}")
     return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep cells as independent jobs on an existing engine (submitit: SLURM or local; Ray)
+# ---------------------------------------------------------------------------------------------
+
+EXECUTORS = ("inprocess", "local", "slurm", "ray")
+
+
+def compute_cell(settings: Settings, sp: float, sb: float | None, cache_root: Path | None = None) -> dict:
+    """One sweep cell as a self-contained job: load the lab, compute the cell, write it to the cell cache.
+
+    `cache_root` (default data/cache) must be on a filesystem every worker
+    shares; the cache file is written atomically, so a job killed halfway
+    leaves nothing and a rerun recomputes only missing cells.
+    """
+    torch.set_num_threads(max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads()))))
+    return cell_result(Lab(settings, progress=False), CellCache("sweep", cache_root), sp, sb)
+
+
+def missing_cells(settings: Settings, cache_root: Path | None = None) -> list[tuple[float, float | None]]:
+    """The sweep cells with no cached result yet (what a resumed run still has to do)."""
+    cache = CellCache("sweep", cache_root)
+    cells = []
+    for sp, sb in sweep_cells(settings):
+        coords = {"kind": "dense"} if sb is None else {"kind": "sliced", "sp": sp, "sb": sb}
+        if cache.get(settings.cell_params(**coords)) is None:
+            cells.append((sp, sb))
+    return cells
+
+
+def run_cells(
+    settings: Settings,
+    executor: str,
+    cache_root: Path | None = None,
+    log_folder: Path | None = None,
+    timeout_min: int = 240,
+    ray_address: str | None = None,
+) -> int:
+    """Run every missing sweep cell as its own job on `executor` and wait; returns how many ran.
+
+    local and slurm use submitit (a SLURM job array; its LocalExecutor runs the
+    jobs as local processes), ray uses Ray tasks (`ray_address` None starts a
+    local Ray instance). "inprocess" runs nothing here: `sweep` computes cells itself.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}.")
+    todo = missing_cells(settings, cache_root)
+    if executor == "inprocess" or not todo:
+        return 0
+    if executor == "ray":
+        import ray
+
+        ray.init(address=ray_address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(num_cpus=1)(compute_cell)
+        ray.get([remote.remote(settings, sp, sb, cache_root) for sp, sb in todo])
+        return len(todo)
+    import submitit
+
+    folder = log_folder or DATA_DIR / "jobs" / "%j"
+    if executor == "local":
+        engine = submitit.LocalExecutor(folder=folder)
+        engine.update_parameters(timeout_min=timeout_min)
+    else:
+        engine = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        engine.update_parameters(timeout_min=timeout_min, cpus_per_task=4, slurm_array_parallelism=len(todo))
+    with engine.batch():
+        jobs = [engine.submit(compute_cell, settings, sp, sb, cache_root) for sp, sb in todo]
+    for job in jobs:
+        job.result()  # raises with the job's own traceback if a cell failed
+    return len(todo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -80,3 +81,26 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "speed_of", must_not_run)
     again = reproduce.reproduce(settings, tmp_path / "again", progress=False)
     pd.testing.assert_frame_equal(again["results"], tables["results"])
+
+
+@pytest.mark.slow
+def test_local_executor_jobs_give_the_same_cells_as_the_in_process_sweep(tmp_path):
+    """submitit's LocalExecutor runs each cell as its own process; the cell cache must match an in-process run."""
+    pytest.importorskip("submitit")
+    settings = dataclasses.replace(
+        SIZES["smoke"], seqlen=32, calib_windows=2, select_windows=1, eval_windows=1, tasks=("piqa",), limit=2
+    )
+    inprocess, jobs = tmp_path / "inprocess", tmp_path / "jobs"
+    reproduce.sweep(reproduce.Lab(settings, progress=False), reproduce.CellCache("sweep", inprocess))
+    assert reproduce.missing_cells(settings, jobs) == reproduce.sweep_cells(settings)
+    ran = reproduce.run_cells(settings, "local", cache_root=jobs, log_folder=tmp_path / "logs")
+    assert ran == 3 and reproduce.missing_cells(settings, jobs) == []
+    assert reproduce.run_cells(settings, "local", cache_root=jobs) == 0  # resumable: nothing left to run
+    for sp, sb in reproduce.sweep_cells(settings):
+        coords = {"kind": "dense"} if sb is None else {"kind": "sliced", "sp": sp, "sb": sb}
+        params = settings.cell_params(**coords)
+        expected = reproduce.CellCache("sweep", inprocess).get(params)
+        got = reproduce.CellCache("sweep", jobs).get(params)
+        assert got["params"] == expected["params"] and got["tasks"] == expected["tasks"]
+        assert got["ppl_select"] == pytest.approx(expected["ppl_select"], rel=1e-6)
+        assert got["ppl_eval"] == pytest.approx(expected["ppl_eval"], rel=1e-6)
