@@ -206,6 +206,7 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["auto", "tied", "untied"], default="auto", help="embedding layout")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="device for the current layer (default: CUDA if present)")
+    p.add_argument("--offload-dir", type=Path, default=None, help="keep calibration activations on disk here")
     p.add_argument("--out", type=Path, required=True, help="folder to write the sliced model to")
 
 
@@ -230,7 +231,9 @@ def run_slice(args: argparse.Namespace) -> int:
         dims = allocation_dims(lr["lr"].to_numpy(), args.sp, sb, model.config.hidden_size)
     calib = load_windows(tokenizer, args.calib, args.calib_seqlen, args.calib_windows)
     tied = {"auto": None, "tied": True, "untied": False}[args.layout]
-    info = rotate_and_slice(model, calib, dims, tied=tied, batch_size=args.batch_size, device=args.device)
+    info = rotate_and_slice(
+        model, calib, dims, tied=tied, batch_size=args.batch_size, device=args.device, offload_dir=args.offload_dir
+    )
     save_sliced(model, tokenizer, args.out)
     params = ledger_totals(parameter_ledger(model))["total"]
     mean_slice = 1 - sum(dims) / (len(dims) * model.config.hidden_size)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -53,6 +54,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker (fixed)")
+    p.add_argument("--prefill-len", type=int, default=512, help="prefill prompt length (a busy machine: smaller)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--quick", action="store_true", help="2 repeats, 64-token prompts, 8 new tokens")
     p.add_argument("--out", type=Path, default=FIGURES_DIR / "speed_table")
     args = p.parse_args()
@@ -78,7 +81,7 @@ def main() -> None:
         f"Model {args.model}; {device_name(pick_device(None)) if pick_device(None).type == 'cuda' else 'CPU'}, "
         f"{args.threads} torch thread(s) per worker; {args.repeats} interleaved repeats after one warm-up; "
         "median [interquartile range]; ratio = per-round tokens/s over dense's.\n"
-        f"Command: python scripts/bench_speed.py{' --quick' if args.quick else ''}\n\n"
+        f"Command: python {' '.join(sys.argv)}\n\n"
     )
     text = header + speed_markdown(summary)
     write_csv_atomic(summary, args.out.with_suffix(".csv"))

@@ -211,3 +211,12 @@ def test_untie_sliced_keeps_outputs():
     assert (logits(model, ids) - before).abs().max() < TOL
     with pytest.raises(ValueError, match="tied"):
         untie_sliced(model)
+
+
+def test_activations_on_disk_give_the_same_model_and_leave_no_files(tmp_path):
+    ids = calib()
+    in_memory, on_disk = noisy_model("llama", tied=True), noisy_model("llama", tied=True)
+    rotate_and_slice(in_memory, ids, DYNAMIC, batch_size=2, progress=False)
+    rotate_and_slice(on_disk, ids, DYNAMIC, batch_size=2, progress=False, offload_dir=tmp_path)
+    assert torch.equal(logits(in_memory, ids), logits(on_disk, ids))
+    assert list(tmp_path.iterdir()) == []
