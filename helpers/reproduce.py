@@ -8,8 +8,8 @@
 2. Figures: Figure 1 (allocation at the first SP and its best SB), Figures 2-5
    (accuracy per task and average against SB, constant slicing as a red line),
    the perplexity comparison; the results table (method x SP) as CSV and Markdown.
-3. Speed and memory of dense, constant and best dynamic at each SP, each
-   measured in a fresh process so that peak memory is that model's own.
+3. Speed and memory of dense, constant and best dynamic at each SP: each model
+   in its own worker process, repeats interleaved (`helpers.speed`).
 4. Depth pruning against slicing at matched parameter counts (`helpers.compare`).
 
 Every cell is cached (`helpers.results.CellCache`): a rerun skips finished work
@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,70 +242,53 @@ def write_table(table: pd.DataFrame, stem: Path, manifest: Manifest, step: str, 
     return files
 
 
-def speed_of(folder_or_name: str, settings: Settings) -> dict:
-    """Run `python -m helpers speed` on one model in a fresh process (so peak memory is its own)."""
-    command = [
-        sys.executable,
-        "-m",
-        "helpers",
-        "speed",
-        "--model",
-        folder_or_name,
-        "--text",
-        settings.eval_text,
-        "--prompt",
-        str(settings.speed_prompt),
-        "--new-tokens",
-        str(settings.speed_new_tokens),
-        "--json",
-    ]
-    out = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"speed measurement failed for {folder_or_name}:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def speed_workloads(settings: Settings) -> tuple:
+    """Prefill of 1 and 8 prompts of `speed_prompt` tokens; `speed_new_tokens` generated at batch 1 and 16."""
+    from helpers.speed import WORKLOADS
+
+    return tuple(
+        dataclasses.replace(w, length=settings.speed_prompt, new_tokens=0)
+        if w.kind == "prefill"
+        else dataclasses.replace(w, new_tokens=settings.speed_new_tokens)
+        for w in WORKLOADS
+    )
 
 
 def speed_table(lab: Lab, cells: pd.DataFrame, cache: CellCache | None = None) -> pd.DataFrame:
-    """Speed and memory of dense, constant and best-dynamic models; sliced ones saved once under data/sliced/."""
+    """Interleaved speed benchmark (`helpers.speed`) of dense, constant and best dynamic at every SP, float32.
+
+    Each model runs in its own worker process; sliced ones are saved once under
+    data/sliced/reproduce/. The raw samples are cached as one cell.
+    """
+    from helpers import speed
     from helpers.slicing import save_sliced
 
     s, cache = lab.settings, cache or CellCache("speed")
     picked = pd.concat([cells[cells["method"].isin(["dense", "constant"])], best_dynamic(cells)])
-    rows = []
-    for row in tqdm(picked.itertuples(), total=len(picked), desc="speed", unit="model", disable=not lab.progress):
-
-        def measure(row=row) -> dict:
-            if row.method == "dense":
-                return speed_of(s.model, s)
-            folder = (
-                DATA_DIR
-                / "sliced"
-                / "reproduce"
-                / f"{slug(s.model)}-{cache_key(**s.cell_params(sp=row.sp, sb=row.sb))}"
-            )
-            if not (folder / "slicing.json").exists():
-                save_sliced(lab.sliced(row.sp, row.sb), lab.tokenizer, folder)
-            return speed_of(str(folder), s)
-
-        params = {
-            "model": s.model,
-            "sp": row.sp,
-            "sb": row.sb,
-            "method": row.method,
-            "prompt": s.speed_prompt,
-            "new_tokens": s.speed_new_tokens,
-            **s.cell_params(),
-        }
-        rows.append(
-            {
-                "method": row.method,
-                "sp": row.sp,
-                "sb": row.sb,
-                "params": row.params,
-                **cache.get_or_compute(params, measure),
-            }
+    models = {}
+    for row in picked.itertuples():
+        if row.method == "dense":
+            models["dense"] = s.model
+            continue
+        folder = (
+            DATA_DIR / "sliced" / "reproduce" / f"{slug(s.model)}-{cache_key(**s.cell_params(sp=row.sp, sb=row.sb))}"
         )
-    return pd.DataFrame(rows)
+        if not (folder / "slicing.json").exists():
+            save_sliced(lab.sliced(row.sp, row.sb), lab.tokenizer, folder)
+        models[f"{row.method} SP={row.sp:g} SB={row.sb:g}"] = str(folder)
+    workloads = speed_workloads(s)
+    params = {
+        "kind": "interleaved",
+        "models": sorted(models),
+        "workloads": [w.name for w in workloads],
+        **s.cell_params(),
+    }
+
+    def measure() -> dict:
+        samples = speed.interleaved_benchmark(models, "float32", workloads, progress=lab.progress)
+        return {"samples": samples.to_dict("records")}
+
+    return speed.summarise(pd.DataFrame(cache.get_or_compute(params, measure)["samples"]))
 
 
 def figures(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> None:

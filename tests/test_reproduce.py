@@ -72,13 +72,15 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
     assert constant < dense and dynamic < dense  # tied layout: slicing removes parameters
     assert np.all(results["questions"] == settings.limit * len(settings.tasks))
     speed = tables["speed"]
-    assert len(speed) == 3 and (speed["tokens_per_s_b1"] > 0).all() and (speed["peak_mb_b1"] > 100).all()
+    assert len(speed) == 3 * 4 and (speed["tokens_per_s"] > 0).all() and (speed["peak_memory_mb"] > 100).all()
+    assert set(speed["model"]) == {"dense", "constant SP=0.3 SB=0.3", "dynamic SP=0.3 SB=0"}
+    assert (speed.loc[speed["model"] == "dense", "ratio_to_dense"] == 1).all()
 
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("a cached cell was recomputed")
 
     monkeypatch.setattr(reproduce.Lab, "measure", must_not_run)
-    monkeypatch.setattr(reproduce, "speed_of", must_not_run)
+    monkeypatch.setattr("helpers.speed.interleaved_benchmark", must_not_run)
     again = reproduce.reproduce(settings, tmp_path / "again", progress=False)
     pd.testing.assert_frame_equal(again["results"], tables["results"])
 
