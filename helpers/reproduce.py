@@ -406,12 +406,11 @@ def run_cells(
     cache_root: Path | None = None,
     log_folder: Path | None = None,
     timeout_min: int = 240,
-    ray_address: str | None = None,
 ) -> int:
     """Run every missing sweep cell as its own job on `executor` and wait; returns how many ran.
 
     local and slurm use submitit (a SLURM job array; its LocalExecutor runs the
-    jobs as local processes), ray uses Ray tasks (`ray_address` None starts a
+    jobs as local processes), ray uses Ray tasks (on the cluster at RAY_ADDRESS, or a
     local Ray instance). "inprocess" runs nothing here: `sweep` computes cells itself.
     """
     if executor not in EXECUTORS:
@@ -422,7 +421,7 @@ def run_cells(
     if executor == "ray":
         import ray
 
-        ray.init(address=ray_address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
         remote = ray.remote(num_cpus=1)(compute_cell)
         ray.get([remote.remote(settings, sp, sb, cache_root) for sp, sb in todo])
         return len(todo)

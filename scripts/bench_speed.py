@@ -70,23 +70,20 @@ def main() -> None:
         f"constant SP={args.sp:g}": str(sliced_folder(args.model, args.sp, args.sp, args.calib, 32, 256)),
         f"dynamic SP={args.sp:g} SB={args.sb:g}": str(sliced_folder(args.model, args.sp, args.sb, args.calib, 32, 256)),
     }
-    samples = pd.concat(
-        [
-            interleaved_benchmark(models, dtype, workloads, args.repeats, args.threads)
-            for dtype in args.dtypes.split(",")
-        ]
-    )
-    summary = summarise(samples)
     header = (
         f"Model {args.model}; {device_name(pick_device(None)) if pick_device(None).type == 'cuda' else 'CPU'}, "
         f"{args.threads} torch thread(s) per worker; {args.repeats} interleaved repeats after one warm-up; "
         "median [interquartile range]; ratio = per-round tokens/s over dense's.\n"
         f"Command: python {' '.join(sys.argv)}\n\n"
     )
-    text = header + speed_markdown(summary)
-    write_csv_atomic(summary, args.out.with_suffix(".csv"))
-    write_text_atomic(args.out.with_suffix(".md"), text)
-    print(text)
+    samples = []
+    for dtype in args.dtypes.split(","):  # tables are rewritten after each dtype, so a stopped run keeps its part
+        samples.append(interleaved_benchmark(models, dtype, workloads, args.repeats, args.threads))
+        summary = summarise(pd.concat(samples))
+        text = header + speed_markdown(summary)
+        write_csv_atomic(summary, args.out.with_suffix(".csv"))
+        write_text_atomic(args.out.with_suffix(".md"), text)
+        print(text, flush=True)
     print(f"wrote {args.out.with_suffix('.md')}")
 
 

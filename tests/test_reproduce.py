@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -106,3 +107,23 @@ def test_local_executor_jobs_give_the_same_cells_as_the_in_process_sweep(tmp_pat
         assert got["params"] == expected["params"] and got["tasks"] == expected["tasks"]
         assert got["ppl_select"] == pytest.approx(expected["ppl_select"], rel=1e-6)
         assert got["ppl_eval"] == pytest.approx(expected["ppl_eval"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_ray_job_fills_only_the_missing_cell_with_the_in_process_numbers(tmp_path):
+    """Ray on a local instance: cached cells are left alone, the missing one matches the in-process run."""
+    pytest.importorskip("ray")
+    settings = dataclasses.replace(
+        SIZES["smoke"], seqlen=32, calib_windows=2, select_windows=1, eval_windows=1, tasks=("piqa",), limit=2
+    )
+    inprocess, jobs = tmp_path / "inprocess", tmp_path / "jobs"
+    reproduce.sweep(reproduce.Lab(settings, progress=False), reproduce.CellCache("sweep", inprocess))
+    shutil.copytree(inprocess, jobs)
+    dense = reproduce.CellCache("sweep", jobs).path(settings.cell_params(kind="dense"))
+    dense.unlink()
+    assert reproduce.missing_cells(settings, jobs) == [(0.0, None)]
+    assert reproduce.run_cells(settings, "ray", cache_root=jobs) == 1
+    expected = reproduce.CellCache("sweep", inprocess).get(settings.cell_params(kind="dense"))
+    got = json.loads(dense.read_text())["result"]
+    assert got["tasks"] == expected["tasks"] and got["params"] == expected["params"]
+    assert got["ppl_eval"] == pytest.approx(expected["ppl_eval"], rel=1e-6)
