@@ -1,7 +1,10 @@
 """Speed and memory of a causal LM: prefill throughput, greedy generation tokens/s, peak memory.
 
-Every function returns a plain dict so benchmark tables can collect rows.
-Memory is the process's resident set size (psutil) on CPU and
+Single measurements (`prefill_throughput`, `generation_speed`) return plain
+dicts. `interleaved_benchmark` is the trustworthy comparison: one worker
+process per model, warm-up, repeats alternated between models, and
+`summarise` gives medians, interquartile ranges and per-round ratios to dense.
+Memory is the process's peak resident set size on CPU and
 torch.cuda.max_memory_allocated on CUDA.
 """
 
