@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -110,6 +111,7 @@ def test_local_executor_jobs_give_the_same_cells_as_the_in_process_sweep(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("HELPERS_TEST_RAY"), reason="starts a Ray instance; set HELPERS_TEST_RAY=1")
 def test_ray_job_fills_only_the_missing_cell_with_the_in_process_numbers(tmp_path):
     """Ray on a local instance: cached cells are left alone, the missing one matches the in-process run."""
     pytest.importorskip("ray")
