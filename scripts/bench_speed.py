@@ -59,12 +59,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2 repeats, 64-token prompts, 8 new tokens")
     p.add_argument("--out", type=Path, default=FIGURES_DIR / "speed_table")
     args = p.parse_args()
-    workloads = WORKLOADS
     if args.quick:
-        args.repeats = 2
-        workloads = tuple(
-            dataclasses.replace(w, length=min(w.length, 64), new_tokens=min(w.new_tokens, 8)) for w in WORKLOADS
-        )
+        args.repeats, args.prefill_len, args.new_tokens = 2, 64, 8
+    workloads = tuple(
+        dataclasses.replace(w, length=args.prefill_len)
+        if w.kind == "prefill"
+        else dataclasses.replace(w, new_tokens=args.new_tokens)
+        for w in WORKLOADS
+    )
     models = {
         "dense": args.model,
         f"constant SP={args.sp:g}": str(sliced_folder(args.model, args.sp, args.sp, args.calib, 32, 256)),
