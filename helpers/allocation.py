@@ -201,7 +201,7 @@ def sliced_param_count(shape: ModelShape, dims: np.ndarray, tied: bool | None = 
     """Parameters of the model sliced to kept dimensions `dims` (one per layer), same parts as dense.
 
     Tied layout (tied=None follows the shape): the shared V x d table plus a d x d_0 input map
-    count as embeddings, the d x d output map as head. Untied: V x d_0 embeddings, V x d head.
+    count as embeddings, the final norm's d-vector scale as head. Untied: V x d_0 embeddings, V x d head.
     """
     s, d = shape, shape.hidden_size
     dims = np.asarray(dims)
@@ -214,7 +214,7 @@ def sliced_param_count(shape: ModelShape, dims: np.ndarray, tied: bool | None = 
     attention = (q + 2 * kv + q) * dims_in.sum() + s.n_layers * s.qkv_bias * (q + 2 * kv) + s.o_bias * dims_in.sum()
     mlp = 2 * inter * dims_in.sum() + inter * dims_out.sum() + s.mlp_bias * (2 * inter * s.n_layers + dims_out.sum())
     if tied:
-        embeddings, head = s.vocab_size * d + d * dims_in[0], d * d
+        embeddings, head = s.vocab_size * d + d * dims_in[0], d
     else:
         embeddings, head = s.vocab_size * dims_in[0], s.vocab_size * d
     return _with_total(

@@ -275,6 +275,7 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["auto", "tied", "untied"], default="auto", help="embedding layout")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default=None, help="device for the current layer (default: CUDA if present)")
+    p.add_argument("--offload-dir", type=Path, default=None, help="keep calibration activations on disk here")
     _out_args(p, "sliced", "folder to write the sliced model to", required=True)
 
 
@@ -299,7 +300,9 @@ def run_slice(args: argparse.Namespace) -> int:
         dims = allocation_dims(lr["lr"].to_numpy(), args.sp, sb, model.config.hidden_size)
     calib = load_windows(tokenizer, args.calib, args.calib_seqlen, args.calib_windows)
     tied = {"auto": None, "tied": True, "untied": False}[args.layout]
-    info = rotate_and_slice(model, calib, dims, tied=tied, batch_size=args.batch_size, device=args.device)
+    info = rotate_and_slice(
+        model, calib, dims, tied=tied, batch_size=args.batch_size, device=args.device, offload_dir=args.offload_dir
+    )
     save_sliced(model, tokenizer, args.out)
     params = ledger_totals(parameter_ledger(model))["total"]
     mean_slice = 1 - sum(dims) / (len(dims) * model.config.hidden_size)
@@ -372,13 +375,19 @@ def run_speed(args: argparse.Namespace) -> int:
 
 
 def _reproduce_args(p: argparse.ArgumentParser) -> None:
-    from helpers.reproduce import SIZES
+    from helpers.reproduce import EXECUTORS, SIZES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="reduced: < 30 min on 2 CPU cores")
     p.add_argument("--out", type=Path, default=None, help="output folder: new, empty or an earlier reproduce output")
     p.add_argument("--no-depth", action="store_true", help="skip the depth-pruning comparison")
     p.add_argument("--check", action="store_true", help="recompute a sample of the committed cells, report the gap")
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="inprocess",
+        help="where sweep cells run: this process, local jobs, a SLURM job array (submitit), Ray tasks",
+    )
 
 
 @command("reproduce", _reproduce_args)
@@ -396,7 +405,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         gap = check(settings, args.out or FIGURES_DIR)
         print(f"largest relative difference against the committed cells: {gap:.2e}")
         return 0
-    reproduce(settings, args.out or FIGURES_DIR)
+    reproduce(settings, args.out or FIGURES_DIR, executor=args.executor)
     return 0
 
 

@@ -8,8 +8,8 @@
 2. Figures: Figure 1 (allocation at the first SP and its best SB), Figures 2-5
    (accuracy per task and average against SB, constant slicing as a red line),
    the perplexity comparison; the results table (method x SP) as CSV and Markdown.
-3. Speed and memory of dense, constant and best dynamic at each SP, each
-   measured in a fresh process so that peak memory is that model's own.
+3. Speed and memory of dense, constant and best dynamic at each SP: each model
+   in its own worker process, repeats interleaved (`helpers.speed`).
 4. Depth pruning against slicing at matched parameter counts (`helpers.compare`).
 
 Every cell is cached (`helpers.results.CellCache`): a rerun skips finished work
@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,23 +207,32 @@ class Lab:
         }
 
 
-def sweep(lab: Lab, cache: CellCache | None = None) -> pd.DataFrame:
-    """Dense plus every (SP, SB) cell, computed or read from the cache; one flat row per cell."""
+def sweep_cells(settings: Settings) -> list[tuple[float, float | None]]:
+    """Every cell of the sweep as (SP, SB); (0, None) is the dense model."""
     from helpers.slicing import sb_values
 
+    return [(0.0, None)] + [(sp, sb) for sp in settings.sps for sb in sb_values(sp, settings.sb_step)]
+
+
+def cell_result(lab: Lab, cache: CellCache, sp: float, sb: float | None) -> dict:
+    """One cell's measurements, from the cache or computed and cached (atomically)."""
+    s = lab.settings
+    if sb is None:
+        return cache.get_or_compute(s.cell_params(kind="dense"), lambda: lab.measure(lab.model))
+    return cache.get_or_compute(s.cell_params(kind="sliced", sp=sp, sb=sb), lambda: lab.measure(lab.sliced(sp, sb)))
+
+
+def sweep(lab: Lab, cache: CellCache | None = None) -> pd.DataFrame:
+    """Dense plus every (SP, SB) cell, computed or read from the cache; one flat row per cell."""
     s, cache = lab.settings, cache or CellCache("sweep")
-    cells = [(0.0, None)] + [(sp, sb) for sp in s.sps for sb in sb_values(sp, s.sb_step)]
     rows = []
-    for sp, sb in tqdm(cells, desc="sweep cells", unit="cell", disable=not lab.progress):
+    for sp, sb in tqdm(sweep_cells(s), desc="sweep cells", unit="cell", disable=not lab.progress):
+        result = cell_result(lab, cache, sp, sb)
         if sb is None:
-            result = cache.get_or_compute(s.cell_params(kind="dense"), lambda: lab.measure(lab.model))
             rows.append({"method": "dense", "sp": 0.0, "sb": 0.0, "sliced_sp": 0.0, "realised_slice": 0.0, **result})
             continue
         sliced_sp = lab.sliced_sp(sp, sb)
         realised = 1 - float(np.mean(lab.allocation(sliced_sp, sb).kept_dim)) / lab.model.config.hidden_size
-        result = cache.get_or_compute(
-            s.cell_params(kind="sliced", sp=sp, sb=sb), lambda sp=sp, sb=sb: lab.measure(lab.sliced(sp, sb))
-        )
         method = "constant" if np.isclose(sb, sp) else "dynamic"
         row = {"method": method, "sp": sp, "sb": sb, "sliced_sp": sliced_sp, "realised_slice": realised}
         rows.append({**row, **result})
@@ -404,70 +410,53 @@ def write_comparisons(
     return table
 
 
-def speed_of(folder_or_name: str, settings: Settings) -> dict:
-    """Run `python -m helpers speed` on one model in a fresh process (so peak memory is its own)."""
-    command = [
-        sys.executable,
-        "-m",
-        "helpers",
-        "speed",
-        "--model",
-        folder_or_name,
-        "--text",
-        settings.eval_texts[0],
-        "--prompt",
-        str(settings.speed_prompt),
-        "--new-tokens",
-        str(settings.speed_new_tokens),
-        "--json",
-    ]
-    out = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"speed measurement failed for {folder_or_name}:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def speed_workloads(settings: Settings) -> tuple:
+    """Prefill of 1 and 8 prompts of `speed_prompt` tokens; `speed_new_tokens` generated at batch 1 and 16."""
+    from helpers.speed import WORKLOADS
+
+    return tuple(
+        dataclasses.replace(w, length=settings.speed_prompt, new_tokens=0)
+        if w.kind == "prefill"
+        else dataclasses.replace(w, new_tokens=settings.speed_new_tokens)
+        for w in WORKLOADS
+    )
 
 
 def speed_table(lab: Lab, cells: pd.DataFrame, cache: CellCache | None = None) -> pd.DataFrame:
-    """Speed and memory of dense, constant and best-dynamic models; sliced ones saved once under data/sliced/."""
+    """Interleaved speed benchmark (`helpers.speed`) of dense, constant and best dynamic at every SP, float32.
+
+    Each model runs in its own worker process; sliced ones are saved once under
+    data/sliced/reproduce/. The raw samples are cached as one cell.
+    """
+    from helpers import speed
     from helpers.slicing import save_sliced
 
     s, cache = lab.settings, cache or CellCache("speed")
     picked = pd.concat([cells[cells["method"].isin(["dense", "constant"])], best_dynamic(cells)])
-    rows = []
-    for row in tqdm(picked.itertuples(), total=len(picked), desc="speed", unit="model", disable=not lab.progress):
-
-        def measure(row=row) -> dict:
-            if row.method == "dense":
-                return speed_of(s.model, s)
-            folder = (
-                DATA_DIR
-                / "sliced"
-                / "reproduce"
-                / f"{slug(s.model)}-{cache_key(**s.cell_params(sp=row.sp, sb=row.sb))}"
-            )
-            if not (folder / "slicing.json").exists():
-                save_sliced(lab.sliced(row.sp, row.sb), lab.tokenizer, folder)  # at the matched SP
-            return speed_of(str(folder), s)
-
-        params = {
-            "model": s.model,
-            "sp": row.sp,
-            "sb": row.sb,
-            "method": row.method,
-            "prompt": s.speed_prompt,
-            "new_tokens": s.speed_new_tokens,
-            **s.cell_params(),
-        }
-        rows.append(
-            {
-                "method": row.method,
-                "sp": row.sp,
-                "sb": row.sb,
-                "params": row.params,
-                **cache.get_or_compute(params, measure),
-            }
+    models = {}
+    for row in picked.itertuples():
+        if row.method == "dense":
+            models["dense"] = s.model
+            continue
+        folder = (
+            DATA_DIR / "sliced" / "reproduce" / f"{slug(s.model)}-{cache_key(**s.cell_params(sp=row.sp, sb=row.sb))}"
         )
-    return pd.DataFrame(rows)
+        if not (folder / "slicing.json").exists():
+            save_sliced(lab.sliced(row.sp, row.sb), lab.tokenizer, folder)
+        models[f"{row.method} SP={row.sp:g} SB={row.sb:g}"] = str(folder)
+    workloads = speed_workloads(s)
+    params = {
+        "kind": "interleaved",
+        "models": sorted(models),
+        "workloads": [w.name for w in workloads],
+        **s.cell_params(),
+    }
+
+    def measure() -> dict:
+        samples = speed.interleaved_benchmark(models, "float32", workloads, progress=lab.progress)
+        return {"samples": samples.to_dict("records")}
+
+    return speed.summarise(pd.DataFrame(cache.get_or_compute(params, measure)["samples"]))
 
 
 def figures(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> None:
@@ -520,11 +509,17 @@ def depth_comparison(settings: Settings, sb: float, out: Path, manifest: Manifes
     return table
 
 
-def reproduce(settings: Settings, out: Path = FIGURES_DIR, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Run every step and write figures, tables and the manifest into `out`; returns the tables."""
+def reproduce(
+    settings: Settings, out: Path = FIGURES_DIR, progress: bool = True, executor: str = "inprocess"
+) -> dict[str, pd.DataFrame]:
+    """Run every step and write figures, tables and the manifest into `out`; returns the tables.
+
+    With `executor` local, slurm or ray the sweep cells run first as independent jobs (`run_cells`).
+    """
     started = time.time()
     manifest = Manifest(out, model=settings.model, seed=settings.seed, settings=dataclasses.asdict(settings))
-    lab = Lab(settings, progress)
+    lab = Lab(settings, progress)  # also caches the LR scores before any job needs them
+    run_cells(settings, executor)
     cells = sweep(lab)
     tables = {"cells": cells, "results": results_table(cells, settings.tasks)}
     write_table(cells, out / "sweep_cells", manifest, "sweep", **settings.cell_params())
@@ -565,3 +560,73 @@ def check(settings: Settings, out: Path = FIGURES_DIR, sample: tuple[str, ...] =
             print(f"{method:>9} {column:>14}: committed {float(row[column]):.6g}, now {float(fresh[column]):.6g}")
             worst = max(worst, gap)
     return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep cells as independent jobs on an existing engine (submitit: SLURM or local; Ray)
+# ---------------------------------------------------------------------------------------------
+
+EXECUTORS = ("inprocess", "local", "slurm", "ray")
+
+
+def compute_cell(settings: Settings, sp: float, sb: float | None, cache_root: Path | None = None) -> dict:
+    """One sweep cell as a self-contained job: load the lab, compute the cell, write it to the cell cache.
+
+    `cache_root` (default data/cache) must be on a filesystem every worker
+    shares; the cache file is written atomically, so a job killed halfway
+    leaves nothing and a rerun recomputes only missing cells.
+    """
+    torch.set_num_threads(max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads()))))
+    return cell_result(Lab(settings, progress=False), CellCache("sweep", cache_root), sp, sb)
+
+
+def missing_cells(settings: Settings, cache_root: Path | None = None) -> list[tuple[float, float | None]]:
+    """The sweep cells with no cached result yet (what a resumed run still has to do)."""
+    cache = CellCache("sweep", cache_root)
+    cells = []
+    for sp, sb in sweep_cells(settings):
+        coords = {"kind": "dense"} if sb is None else {"kind": "sliced", "sp": sp, "sb": sb}
+        if cache.get(settings.cell_params(**coords)) is None:
+            cells.append((sp, sb))
+    return cells
+
+
+def run_cells(
+    settings: Settings,
+    executor: str,
+    cache_root: Path | None = None,
+    log_folder: Path | None = None,
+    timeout_min: int = 240,
+) -> int:
+    """Run every missing sweep cell as its own job on `executor` and wait; returns how many ran.
+
+    local and slurm use submitit (a SLURM job array; its LocalExecutor runs the
+    jobs as local processes), ray uses Ray tasks (on the cluster at RAY_ADDRESS, or a
+    local Ray instance). "inprocess" runs nothing here: `sweep` computes cells itself.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}.")
+    todo = missing_cells(settings, cache_root)
+    if executor == "inprocess" or not todo:
+        return 0
+    if executor == "ray":
+        import ray
+
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(num_cpus=1)(compute_cell)
+        ray.get([remote.remote(settings, sp, sb, cache_root) for sp, sb in todo])
+        return len(todo)
+    import submitit
+
+    folder = log_folder or DATA_DIR / "jobs" / "%j"
+    if executor == "local":
+        engine = submitit.LocalExecutor(folder=folder)
+        engine.update_parameters(timeout_min=timeout_min)
+    else:
+        engine = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        engine.update_parameters(timeout_min=timeout_min, cpus_per_task=4, slurm_array_parallelism=len(todo))
+    with engine.batch():
+        jobs = [engine.submit(compute_cell, settings, sp, sb, cache_root) for sp, sb in todo]
+    for job in jobs:
+        job.result()  # raises with the job's own traceback if a cell failed
+    return len(todo)

@@ -14,14 +14,15 @@ Conventions (helpers/adapters, sliced_shape contract): x is a row vector and
 MLP inputs, its MLP writes d_{i+1}, and d_L = d (the head reads the full
 width; the last basis is the identity). With `tied=True` the model keeps one
 V x d embedding table shared by input and output, plus a d x d_0 input matrix
-and a d x d output matrix, instead of a second V x d_0 table.
+and the final norm's d-vector scale, instead of a second V x d_0 table.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from helpers.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tied head stores the final norm's scale as a d-vector, not a d x d matrix
 SLICING_SCHEMA = {"format_version": "int", "hidden_size": "int", "dims": "ints", "tied": "bool"}
 DAMPING = 0.01  # fraction of the mean eigenvalue added to the covariance diagonal
 
@@ -112,15 +113,19 @@ class RotatedEmbedding(nn.Module):
 
 
 class TiedHead(nn.Module):
-    """Tied layout, output side: map back through the last basis and the final norm's scale (d x d), then the table."""
+    """Tied layout, output side: the final norm's scale (a d-vector), then the shared table.
+
+    The last basis is the identity, so mapping back to the table's coordinates
+    is exactly diag(scale): a per-coordinate product, not a d x d matmul.
+    """
 
     def __init__(self, table: nn.Embedding) -> None:
         super().__init__()
         self.table = table  # the same module as RotatedEmbedding.table: one set of parameters
-        self.proj = nn.Linear(table.embedding_dim, table.embedding_dim, bias=False)
+        self.scale = nn.Parameter(torch.ones(table.embedding_dim, dtype=table.weight.dtype), requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.proj(hidden_states), self.table.weight)
+        return nn.functional.linear(hidden_states * self.scale, self.table.weight)
 
 
 @dataclass
@@ -140,6 +145,41 @@ class SlicingInfo:
             dim = self.dims[layer]
             kept[name] = float(values[:dim].sum() / values.sum())
         return kept
+
+
+class ActivationStore:
+    """Calibration activations, one tensor per batch: in memory, or one file per batch under `folder`.
+
+    On disk only one batch is in memory at a time, so peak memory stays flat
+    however many calibration tokens there are (a 7B model's 64 x 2048 set).
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.items: list = []
+
+    def append(self, x: torch.Tensor) -> None:
+        if self.folder is None:
+            self.items.append(x)
+            return
+        path = self.folder / f"{id(self)}-{len(self.items)}.pt"
+        torch.save(x.contiguous(), path)
+        self.items.append(path)
+
+    def __iter__(self):
+        for item in self.items:
+            yield item if self.folder is None else torch.load(item)
+
+    def map(self, func) -> ActivationStore:
+        """A new store holding `func(x)` for every batch; this one's files are deleted."""
+        out = ActivationStore(self.folder)
+        for x in self:
+            out.append(func(x))
+        if self.folder is not None:
+            for path in self.items:
+                path.unlink()
+        self.items = []
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,18 +259,18 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def principal_basis(
-    chunks: Sequence[torch.Tensor], device: torch.device, damping: float = DAMPING
+    chunks: Iterable[torch.Tensor], device: torch.device, damping: float = DAMPING
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvectors (columns, float64) and eigenvalues of sum X^T X over all tokens, largest first.
 
     The covariance is uncentred, accumulated in float64, and damped by
     `damping` x its mean diagonal so that near-zero directions stay well defined.
     """
-    dim = chunks[0].shape[-1]
-    cov = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    cov = None
     for chunk in chunks:
-        x = chunk.to(device).reshape(-1, dim).double()
-        cov += x.T @ x
+        x = chunk.to(device).reshape(-1, chunk.shape[-1]).double()
+        cov = x.T @ x if cov is None else cov + x.T @ x
+    dim = cov.shape[0]
     cov += damping * cov.diagonal().mean() * torch.eye(dim, dtype=torch.float64, device=device)
     values, vectors = _eigh(cov)
     order = torch.argsort(values, descending=True)
@@ -302,6 +342,7 @@ def rotate_and_slice(
     damping: float = DAMPING,
     device: str | torch.device | None = None,
     progress: bool = True,
+    offload_dir: str | Path | None = None,
 ) -> SlicingInfo:
     """Slice `model` in place so that layer i keeps `dims[i]` residual dimensions; return what was done.
 
@@ -309,7 +350,27 @@ def rotate_and_slice(
     on the CPU; only the current layer and its activations go to `device`
     (CUDA when present). `tied=None` keeps one embedding table when the model
     ships with tied embeddings. Constant slicing is `dims = [k] * n_layers`.
+    `offload_dir` keeps the calibration activations in files there (deleted
+    afterwards) instead of memory, one batch at a time.
     """
+    if offload_dir is None:
+        return _rotate_and_slice(model, input_ids, dims, tied, batch_size, damping, device, progress, None)
+    Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="activations-", dir=offload_dir) as folder:
+        return _rotate_and_slice(model, input_ids, dims, tied, batch_size, damping, device, progress, Path(folder))
+
+
+def _rotate_and_slice(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    dims: Sequence[int],
+    tied: bool | None,
+    batch_size: int,
+    damping: float,
+    device: str | torch.device | None,
+    progress: bool,
+    store: Path | None,
+) -> SlicingInfo:
     from helpers.models import pick_device
 
     adapter = get_adapter(model)
@@ -334,11 +395,13 @@ def rotate_and_slice(
     make_rotation_invariant(model)
 
     with torch.no_grad():
-        xs = [table(ids) for ids in _batches(input_ids, batch_size)]
+        xs = ActivationStore(store)
+        for ids in _batches(input_ids, batch_size):
+            xs.append(table(ids))
     basis, values = principal_basis(xs, device, damping)
     info.eigenvalues["attn_0"] = values.cpu().numpy()
     first_basis = basis[:, : dims[0]].cpu()
-    xs = [(x.double() @ first_basis).to(x.dtype) for x in xs]
+    xs = xs.map(lambda x: (x.double() @ first_basis).to(x.dtype))
     basis_in = first_basis
 
     for i in tqdm(range(n_layers), desc="slice", unit="layer", disable=not progress):
@@ -353,19 +416,19 @@ def rotate_and_slice(
             for linear in adapter.attention_inputs(layer):
                 _rotate_input(linear, basis_in)
             _set_linear(sliced.attn_shortcut, basis_in)
-            hs = [sliced.attention_half(x.to(device), **kwargs).cpu() for x in xs]
+            hs = xs.map(lambda x, layer=sliced, kw=kwargs: layer.attention_half(x.to(device), **kw).cpu())
             basis, values = principal_basis(hs, device, damping)
             info.eigenvalues[f"mlp_{i}"] = values.cpu().numpy()
             basis_mid = basis[:, :d_in].cpu()
             _rotate_output(adapter.attention_output(layer), basis_mid)
             _set_linear(sliced.attn_shortcut, basis_mid.T @ basis_in)
-            xs = [(h.double() @ basis_mid).to(h.dtype) for h in hs]
+            xs = hs.map(lambda h, q=basis_mid: (h.double() @ q).to(h.dtype))
 
             # MLP half, same pattern
             for linear in adapter.mlp_inputs(layer):
                 _rotate_input(linear, basis_mid)
             _set_linear(sliced.mlp_shortcut, basis_mid)
-            ys = [sliced.mlp_half(x.to(device)).cpu() for x in xs]
+            ys = xs.map(lambda x, layer=sliced: layer.mlp_half(x.to(device)).cpu())
             if i + 1 < n_layers:
                 basis, values = principal_basis(ys, device, damping)
                 info.eigenvalues[f"attn_{i + 1}"] = values.cpu().numpy()
@@ -374,7 +437,7 @@ def rotate_and_slice(
                 basis_out = torch.eye(d, dtype=torch.float64)
             _rotate_output(adapter.mlp_output(layer), basis_out)
             _set_linear(sliced.mlp_shortcut, basis_out.T @ basis_mid)
-            xs = [(y.double() @ basis_out).to(y.dtype) for y in ys]
+            xs = ys.map(lambda y, q=basis_out: (y.double() @ q).to(y.dtype))
             basis_in = basis_out
         sliced.cpu()
         adapter.set_layer(model, i, sliced)
@@ -398,8 +461,8 @@ def _finish_ends(
     if tied:
         embedding = RotatedEmbedding(table, first_basis.shape[1]).to(table.weight.dtype)
         _set_linear(embedding.proj, first_basis.T)
-        head = TiedHead(table).to(table.weight.dtype)
-        _set_linear(head.proj, torch.diag(final_scale))
+        head = TiedHead(table)
+        head.scale.copy_(final_scale.to(head.scale.dtype))
         adapter.set_embedding(model, embedding)
         adapter.set_head(model, head)
     else:
@@ -425,7 +488,7 @@ def untie_sliced(model: nn.Module) -> nn.Module:
         new_embedding = nn.Embedding(table.shape[0], embedding.proj.out_features, dtype=dtype)
         new_embedding.weight = nn.Parameter((table @ embedding.proj.weight.double().T).to(dtype), requires_grad=False)
         new_head = nn.Linear(table.shape[1], table.shape[0], bias=False, dtype=dtype)
-        _set_linear(new_head, table @ head.proj.weight.double())
+        _set_linear(new_head, table * head.scale.double())
     adapter.set_embedding(model, new_embedding.to(table.device))
     adapter.set_head(model, new_head)
     model.slicing_info.tied = False

@@ -181,9 +181,9 @@ for sp, rows in comparison.groupby("sp"):
 # the input side is rotated by the first layer's basis, so the two tables differ. For SmolLM2 the
 # vocabulary table is 49152 x 576 = 28.3M parameters, a fifth of the model, and it ends up stored
 # twice. Each layer also gains two shortcut matrices. The **tied layout** keeps the single shipped
-# table and stores two small matrices instead: $d \times d_0$ on the input side (into the first
-# basis) and $d \times d$ on the output side (the final norm's scale). Both layouts compute the same
-# function; `untie_sliced` converts one into the other, so one slicing shows both.
+# table and stores a $d \times d_0$ matrix on the input side (into the first basis) and only the
+# final norm's $d$-vector scale on the output side (the last basis is the identity). Both layouts
+# compute the same function; `untie_sliced` converts one into the other, so one slicing shows both.
 
 # %%
 ledger_table = layout_ledger(model, calib, LEDGER_SLICES, reuse={0.3: sliced})

@@ -161,8 +161,9 @@ plots.plot_perplexity_comparison(cells, best.reset_index())
 # %% [markdown]
 # ## Speed, memory and depth pruning
 #
-# These tables are written by `python -m helpers reproduce` (each model's speed is measured in a
-# fresh process so that its peak memory is its own; depth pruning is notebook 05).
+# These tables are written by `python -m helpers reproduce` (each model runs in its own worker
+# process, repeats interleaved between models, median and interquartile range, ratios to dense;
+# `scripts/bench_speed.py` runs the same benchmark at full size; depth pruning is notebook 05).
 
 # %%
 for name in ("speed_table", "depth_comparison"):

@@ -41,6 +41,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--sb-step", type=float, default=0.05)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--offload-dir", default=None, help="keep calibration activations on disk here while slicing")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--out", default=str(FIGURES_DIR / "bench_slicing.json"))
     args = p.parse_args()
@@ -71,10 +72,16 @@ def main() -> None:
     dims = allocation_dims(lr, args.sp, args.sp, model.config.hidden_size)
     sliced = copy.deepcopy(model)
     reset_peak_memory(device)
-    start = time.perf_counter()
-    rotate_and_slice(sliced, calib, dims, device=device)
-    slicing = {"wall_s": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(device)}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    rotate_and_slice(sliced, calib, dims, device=device, offload_dir=args.offload_dir)
+    slicing = {
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": time.process_time() - cpu_start,
+        "peak_memory_mb": peak_memory_mb(device),
+        "activations": "disk" if args.offload_dir else "memory",
+    }
     slicing.update(calib=f"{args.calib} {args.calib_windows}x{args.calib_seqlen}", device=device_name(device))
+    print(f"slicing {args.model} at {args.sp:.0%}: {slicing}", flush=True)  # before the long sweep below
 
     # 2. perplexity: dense, constant, dynamic with SB picked by the sweep
     sweep = sb_sweep(model, lr, args.sp, calib, select, step=args.sb_step, eval_ids=held_out)
@@ -99,7 +106,6 @@ def main() -> None:
         + speed_rows(f"sliced {args.sp:.0%}", sliced, prompts, args.new_tokens)
     )
 
-    print(f"slicing {args.model} at {args.sp:.0%}: {slicing}")
     print(f"\nSB sweep (perplexity on {args.select}, eval on {args.eval}):\n{sweep.to_string(index=False)}")
     print(f"\nperplexity on {args.eval} ({args.eval_windows} x {args.eval_seqlen}, no BOS):")
     print(quality.to_string(index=False))

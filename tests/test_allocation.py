@@ -157,7 +157,7 @@ def test_sliced_count_at_full_width_and_parts():
     half = sliced_param_count(shape, dims)
     assert half["attention"] < full["attention"] and half["mlp"] < full["mlp"] and half["embeddings"] < d * 128
     tied = sliced_param_count(shape, dims, tied=True)
-    assert tied["embeddings"] == shape.vocab_size * d + d * d // 2 and tied["head"] == d * d
+    assert tied["embeddings"] == shape.vocab_size * d + d * d // 2 and tied["head"] == d
     with pytest.raises(ValueError, match="dims"):
         sliced_param_count(shape, np.full(n - 1, d))
     summary = param_summary(shape, dims)

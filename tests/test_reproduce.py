@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -108,7 +111,9 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
     ).all()
     assert np.all(results["questions"] == settings.limit * len(settings.tasks))
     speed = tables["speed"]
-    assert len(speed) == 3 and (speed["tokens_per_s_b1"] > 0).all() and (speed["peak_mb_b1"] > 100).all()
+    assert len(speed) == 3 * 4 and (speed["tokens_per_s"] > 0).all() and (speed["peak_memory_mb"] > 100).all()
+    assert set(speed["model"]) == {"dense", "constant SP=0.3 SB=0.3", "dynamic SP=0.3 SB=0"}
+    assert (speed.loc[speed["model"] == "dense", "ratio_to_dense"] == 1).all()
 
     assert reproduce.check(settings, tmp_path) < 1e-4  # `reproduce --check`: the committed cells come back
 
@@ -116,6 +121,50 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
         raise AssertionError("a cached cell was recomputed")
 
     monkeypatch.setattr(reproduce.Lab, "measure", must_not_run)
-    monkeypatch.setattr(reproduce, "speed_of", must_not_run)
+    monkeypatch.setattr("helpers.speed.interleaved_benchmark", must_not_run)
     again = reproduce.reproduce(settings, tmp_path / "again", progress=False)
     pd.testing.assert_frame_equal(again["results"], tables["results"])
+
+
+@pytest.mark.slow
+def test_local_executor_jobs_give_the_same_cells_as_the_in_process_sweep(tmp_path):
+    """submitit's LocalExecutor runs each cell as its own process; the cell cache must match an in-process run."""
+    pytest.importorskip("submitit")
+    settings = dataclasses.replace(
+        SIZES["smoke"], seqlen=32, calib_windows=2, select_windows=1, eval_windows=1, tasks=("piqa",), limit=2
+    )
+    inprocess, jobs = tmp_path / "inprocess", tmp_path / "jobs"
+    reproduce.sweep(reproduce.Lab(settings, progress=False), reproduce.CellCache("sweep", inprocess))
+    assert reproduce.missing_cells(settings, jobs) == reproduce.sweep_cells(settings)
+    ran = reproduce.run_cells(settings, "local", cache_root=jobs, log_folder=tmp_path / "logs")
+    assert ran == 3 and reproduce.missing_cells(settings, jobs) == []
+    assert reproduce.run_cells(settings, "local", cache_root=jobs) == 0  # resumable: nothing left to run
+    for sp, sb in reproduce.sweep_cells(settings):
+        coords = {"kind": "dense"} if sb is None else {"kind": "sliced", "sp": sp, "sb": sb}
+        params = settings.cell_params(**coords)
+        expected = reproduce.CellCache("sweep", inprocess).get(params)
+        got = reproduce.CellCache("sweep", jobs).get(params)
+        assert got["params"] == expected["params"] and got["tasks"] == expected["tasks"]
+        assert got["ppl_select"] == pytest.approx(expected["ppl_select"], rel=1e-6)
+        assert got["ppl_eval"] == pytest.approx(expected["ppl_eval"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("HELPERS_TEST_RAY"), reason="starts a Ray instance; set HELPERS_TEST_RAY=1")
+def test_ray_job_fills_only_the_missing_cell_with_the_in_process_numbers(tmp_path):
+    """Ray on a local instance: cached cells are left alone, the missing one matches the in-process run."""
+    pytest.importorskip("ray")
+    settings = dataclasses.replace(
+        SIZES["smoke"], seqlen=32, calib_windows=2, select_windows=1, eval_windows=1, tasks=("piqa",), limit=2
+    )
+    inprocess, jobs = tmp_path / "inprocess", tmp_path / "jobs"
+    reproduce.sweep(reproduce.Lab(settings, progress=False), reproduce.CellCache("sweep", inprocess))
+    shutil.copytree(inprocess, jobs)
+    dense = reproduce.CellCache("sweep", jobs).path(settings.cell_params(kind="dense"))
+    dense.unlink()
+    assert reproduce.missing_cells(settings, jobs) == [(0.0, None)]
+    assert reproduce.run_cells(settings, "ray", cache_root=jobs) == 1
+    expected = reproduce.CellCache("sweep", inprocess).get(settings.cell_params(kind="dense"))
+    got = json.loads(dense.read_text())["result"]
+    assert got["tasks"] == expected["tasks"] and got["params"] == expected["params"]
+    assert got["ppl_eval"] == pytest.approx(expected["ppl_eval"], rel=1e-6)

@@ -101,6 +101,7 @@ def test_constant_equals_dynamic_with_equal_dims():
 
 
 def test_tied_layout_matches_untied_and_is_smaller():
+    """Tied head = shared table + the final norm's d-vector: no d x d output matrix, same logits as untied."""
     ids = calib()
     tied, untied = noisy_model("llama", tied=True), noisy_model("llama", tied=True)
     rotate_and_slice(tied, ids, DYNAMIC, progress=False)
@@ -108,9 +109,11 @@ def test_tied_layout_matches_untied_and_is_smaller():
     assert tied.slicing_info.tied and not untied.slicing_info.tied
     assert (logits(tied, ids) - logits(untied, ids)).abs().max() < TOL
     assert tied.model.embed_tokens.table.weight is tied.lm_head.table.weight
+    own = {name: tuple(p.shape) for name, p in tied.lm_head.named_parameters() if not name.startswith("table.")}
+    assert own == {"scale": (64,)}
     n_tied = ledger_totals(parameter_ledger(tied))["total"]
     n_untied = ledger_totals(parameter_ledger(untied))["total"]
-    assert n_tied == n_untied - 128 * DYNAMIC[0] + 64 * DYNAMIC[0] + 64 * 64
+    assert n_tied == n_untied - 128 * DYNAMIC[0] + 64 * DYNAMIC[0] + 64
 
 
 def test_tied_needs_tied_model():
@@ -208,3 +211,12 @@ def test_untie_sliced_keeps_outputs():
     assert (logits(model, ids) - before).abs().max() < TOL
     with pytest.raises(ValueError, match="tied"):
         untie_sliced(model)
+
+
+def test_activations_on_disk_give_the_same_model_and_leave_no_files(tmp_path):
+    ids = calib()
+    in_memory, on_disk = noisy_model("llama", tied=True), noisy_model("llama", tied=True)
+    rotate_and_slice(in_memory, ids, DYNAMIC, batch_size=2, progress=False)
+    rotate_and_slice(on_disk, ids, DYNAMIC, batch_size=2, progress=False, offload_dir=tmp_path)
+    assert torch.equal(logits(in_memory, ids), logits(on_disk, ids))
+    assert list(tmp_path.iterdir()) == []

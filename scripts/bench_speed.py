@@ -1,0 +1,93 @@
+"""Speed benchmark: dense vs constant vs dynamic slicing, float32 and bfloat16, interleaved repeats.
+
+    python scripts/bench_speed.py              # SmolLM2-135M, SP 0.30, 5 repeats, 1 thread per model
+    python scripts/bench_speed.py --quick      # 2 repeats, short prompts: a smoke run
+
+Each model runs in its own worker process (fixed torch threads, one warm-up round);
+every round asks each worker once per workload, in a rotated order, so the load of a
+shared machine hits all models alike. Prefill is prompt -> next-token logits at 1 x 512
+and 8 x 512 tokens; generation is greedy `generate` (KV cache) of 64 new tokens after a
+32-token prompt at batch 1 and 16. Ratios pair each sample with dense's from the same
+round. CUDA is used when present. Sliced models are sliced once (calibration 32 x 256
+tokens) and kept under data/sliced/bench_speed/. Writes figures/speed_table.{csv,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from helpers.models import DEFAULT_MODEL, load_model, pick_device
+from helpers.speed import WORKLOADS, device_name, interleaved_benchmark, speed_markdown, summarise
+from helpers.storage import DATA_DIR, FIGURES_DIR, slug, write_csv_atomic, write_text_atomic
+
+
+def sliced_folder(model_name: str, sp: float, sb: float, calib: str, windows: int, seqlen: int) -> Path:
+    """Slice the dense model once at (SP, SB) and return the saved folder."""
+    from helpers.redundancy import cached_layer_redundancy
+    from helpers.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+    from helpers.textdata import load_windows
+
+    folder = DATA_DIR / "sliced" / "bench_speed" / f"{slug(model_name)}-sp{sp:g}-sb{sb:g}-{calib}-{windows}x{seqlen}"
+    if (folder / "slicing.json").exists():
+        return folder
+    model, tokenizer = load_model(model_name, device="cpu")
+    if sb == sp:
+        dims = constant_dims(model, sp)
+    else:
+        lr = cached_layer_redundancy(model_name, calib, seqlen, windows, loaded=(model, tokenizer))
+        dims = allocation_dims(lr["lr"].to_numpy(), sp, sb, model.config.hidden_size)
+    rotate_and_slice(model, load_windows(tokenizer, calib, seqlen, windows), dims)
+    return save_sliced(model, tokenizer, folder)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--sp", type=float, default=0.3)
+    p.add_argument("--sb", type=float, default=0.0, help="base slice of the dynamic model")
+    p.add_argument("--calib", default="pride-and-prejudice")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in every worker (fixed)")
+    p.add_argument("--prefill-len", type=int, default=512, help="prefill prompt length (a busy machine: smaller)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
+    p.add_argument("--quick", action="store_true", help="2 repeats, 64-token prompts, 8 new tokens")
+    p.add_argument("--out", type=Path, default=FIGURES_DIR / "speed_table")
+    args = p.parse_args()
+    if args.quick:
+        args.repeats, args.prefill_len, args.new_tokens = 2, 64, 8
+    workloads = tuple(
+        dataclasses.replace(w, length=args.prefill_len)
+        if w.kind == "prefill"
+        else dataclasses.replace(w, new_tokens=args.new_tokens)
+        for w in WORKLOADS
+    )
+    models = {
+        "dense": args.model,
+        f"constant SP={args.sp:g}": str(sliced_folder(args.model, args.sp, args.sp, args.calib, 32, 256)),
+        f"dynamic SP={args.sp:g} SB={args.sb:g}": str(sliced_folder(args.model, args.sp, args.sb, args.calib, 32, 256)),
+    }
+    header = (
+        f"Model {args.model}; {device_name(pick_device(None)) if pick_device(None).type == 'cuda' else 'CPU'}, "
+        f"{args.threads} torch thread(s) per worker; {args.repeats} interleaved repeats after one warm-up; "
+        "median [interquartile range]; ratio = per-round tokens/s over dense's.\n"
+        f"Command: python {' '.join(sys.argv)}\n\n"
+    )
+    samples = []
+    for dtype in args.dtypes.split(","):  # tables are rewritten after each dtype, so a stopped run keeps its part
+        samples.append(interleaved_benchmark(models, dtype, workloads, args.repeats, args.threads))
+        summary = summarise(pd.concat(samples))
+        text = header + speed_markdown(summary)
+        write_csv_atomic(summary, args.out.with_suffix(".csv"))
+        write_text_atomic(args.out.with_suffix(".md"), text)
+        print(text, flush=True)
+    print(f"wrote {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The speed benchmark: per-round ratios, medians and IQR by hand; interleaved workers on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers.models import tiny_model
+from helpers.slicing import rotate_and_slice, save_sliced
+from helpers.speed import Workload, interleaved_benchmark, speed_markdown, summarise
+
+
+def test_summary_pairs_each_sample_with_dense_from_the_same_round():
+    dense = [100.0, 50.0, 80.0, 90.0, 70.0]  # a busy machine: round 1 is slow for everyone
+    sliced = [130.0, 60.0, 100.0, 120.0, 84.0]
+    rows = [
+        {"model": m, "dtype": "float32", "workload": "prefill 1x8", "repeat": r, "tokens_per_s": v, "peak_memory_mb": 1}
+        for m, values in (("dense", dense), ("sliced", sliced))
+        for r, v in enumerate(values)
+    ]
+    summary = summarise(pd.DataFrame(rows)).set_index("model")
+    ratios = np.array(sliced) / np.array(dense)  # 1.3, 1.2, 1.25, 1.333, 1.2
+    assert summary.loc["sliced", "ratio_to_dense"] == pytest.approx(np.median(ratios))
+    assert summary.loc["sliced", "ratio_q1"] == pytest.approx(1.2)
+    assert summary.loc["sliced", "ratio_q3"] == pytest.approx(1.3)
+    assert summary.loc["sliced", "tokens_per_s"] == pytest.approx(100.0)
+    assert summary.loc["dense", "ratio_to_dense"] == 1.0 and summary.loc["dense", "repeats"] == 5
+    assert "| float32 | prefill 1x8 | sliced | 100.0 [84.0, 120.0] | 1.250 [1.200, 1.300] |" in speed_markdown(
+        summary.reset_index()
+    )
+
+
+def test_interleaved_benchmark_runs_every_model_in_its_own_worker(tmp_path):
+    folders = {}
+    for label, dims in (("dense", [64] * 4), ("sliced", [32] * 4)):
+        model = tiny_model("llama", tie_word_embeddings=True)
+        rotate_and_slice(model, torch.randint(0, 128, (4, 16)), dims, progress=False)
+        folders[label] = str(save_sliced(model, None, tmp_path / label))
+    workloads = (Workload("prefill", 2, 16), Workload("generate", 2, 4, 3))
+    samples = interleaved_benchmark(folders, "float32", workloads, repeats=2, threads=1, progress=False)
+    assert len(samples) == 2 * 2 * 2  # models x workloads x repeats (the warm-up round is dropped)
+    assert set(samples["workload"]) == {"prefill 2x16", "generate b2 (3 new)"}
+    assert (samples["tokens_per_s"] > 0).all() and (samples["peak_memory_mb"] > 50).all()
