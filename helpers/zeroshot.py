@@ -1,14 +1,15 @@
-"""Zero-shot multiple-choice scoring in the lm-evaluation-harness convention (METHOD.md section 5).
+"""Zero-shot multiple-choice scoring in the lm-evaluation-harness convention (docs/method.md section 6).
 
 An option's score is the sum of the log-probabilities of its continuation tokens given its context.
 acc takes the argmax of the sums; acc_norm the argmax of the sums divided by the option's length in
 characters (the harness's `len(choice)`). WinoGrande reports acc only.
 
-Tokenisation follows the harness: encode context + continuation as one string without special tokens (no BOS,
-as in `helpers.textdata`), encode the context alone, and take the tokens past the context's length as the
-continuation. Every (context, continuation) pair of a task is one row; rows are sorted by length and scored
-`batch_size` at a time in one right-padded forward pass, so the options of a question (same context) and
-neighbouring questions share a batch. Contexts longer than the model's window are cut from the left.
+Tokenisation follows the harness: encode context + continuation as one string without special tokens (a BOS
+is put first only where the model family wants one, as in `helpers.textdata`), encode the context alone, and
+take the tokens past the context's length as the continuation. Every (context, continuation) pair of a task is
+one row; rows are sorted by length and scored `batch_size` at a time in one right-padded forward pass, so the
+options of a question (same context) and neighbouring questions share a batch. Contexts longer than the
+model's window are cut from the left.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers.tasks import Question, load_task
+from helpers.textdata import bos_id
 
 
 @dataclass
@@ -57,6 +59,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
     n_cont = len(whole) - n_context
+    bos = bos_id(tokenizer)
+    whole = whole if bos is None else [bos, *whole]
     if n_cont < 1:
         raise ValueError(f"Continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
     return whole, n_cont

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -51,6 +51,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from helpers import plots
+from helpers.adapters import get_adapter
 from helpers.depth import METHODS, cached_block_scores, chosen_layers, parameter_count
 from helpers.models import load_model
 from helpers.storage import FIGURES_DIR
@@ -160,7 +161,7 @@ folder = save_pruned(
 )
 reloaded, _ = load_model(str(folder))
 prompt = tokenizer("It is a truth universally acknowledged", return_tensors="pt", add_special_tokens=False)
-for name, m in (("dense", model), (f"pruned ({len(reloaded.model.layers)} layers)", reloaded)):
+for name, m in (("dense", model), (f"pruned ({len(get_adapter(reloaded).layers(reloaded))} layers)", reloaded)):
     out = m.generate(**prompt, max_new_tokens=20, do_sample=False)
     print(f"{name}: {tokenizer.decode(out[0])!r}")
 

@@ -42,7 +42,7 @@ def test_device_can_be_forced(monkeypatch):
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_tiny_models_build_without_download(model_type):
     model = models.tiny_model(model_type)
-    assert get_adapter(model).family == "llama"
+    assert model_type in get_adapter(model).model_types
     assert model(torch.randint(0, 128, (1, 5))).logits.shape == (1, 5, 128)
 
 
