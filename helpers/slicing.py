@@ -592,12 +592,35 @@ def load_sliced(
     return model, tokenizer
 
 
-def allocation_dims(lr: Sequence[float], sp: float, sb: float, hidden_size: int, fs_max: float = 0.95) -> list[int]:
-    """Per-layer kept dimensions for (SP, SB) from LR scores, via helpers.allocation (docs/method.md section 2)."""
+def allocation_dims(
+    lr: Sequence[float],
+    sp: float,
+    sb: float,
+    hidden_size: int,
+    fs_max: float | None = None,
+    multiple: int | None = None,
+) -> list[int]:
+    """Per-layer kept dimensions for (SP, SB) from LR scores: `allocation.allocate(...).kept_dim` as a list."""
     from helpers import allocation
 
-    result = allocation.allocate(np.asarray(lr, dtype=np.float64), sp, sb, hidden_size=hidden_size, fs_max=fs_max)
-    return [int(v) for v in allocation.kept_dims(np.asarray(result.fs), hidden_size)]
+    result = allocation.allocate(
+        np.asarray(lr, dtype=np.float64),
+        sp,
+        sb,
+        hidden_size=hidden_size,
+        fs_max=allocation.DEFAULT_FS_MAX if fs_max is None else fs_max,
+        multiple=allocation.DEFAULT_MULTIPLE if multiple is None else multiple,
+    )
+    return [int(v) for v in result.kept_dim]
+
+
+def best_dynamic(table: pd.DataFrame, score: str) -> pd.DataFrame:
+    """For each SP, the row with SB < SP and the lowest `score`: the one rule that picks "best dynamic".
+
+    SB = SP is constant slicing, never a dynamic result, even when it scores best.
+    """
+    dynamic = table[table["sb"] < table["sp"] - 1e-9]
+    return dynamic.loc[dynamic.groupby("sp")[score].idxmin()]
 
 
 def sb_values(sp: float, step: float = 0.02) -> list[float]:
@@ -622,9 +645,9 @@ def sb_sweep(
 ) -> pd.DataFrame:
     """Slice a copy of the dense `model` for every SB in `sb_values(sp, step)`; perplexity on `select_ids`.
 
-    Returns columns sb, mean_slice (realised), params, perplexity, best (the
-    lowest perplexity: the paper's selection rule) and, with `eval_ids`,
-    eval_perplexity. `select_ids` should come from a text other than the one
+    Returns columns sp, sb, mean_slice (realised), params, perplexity, best
+    (`best_dynamic`: the lowest perplexity among SB < SP, the paper's selection
+    rule) and, with `eval_ids`, eval_perplexity. `select_ids` should come from a text other than the one
     used for the final evaluation.
     """
     import copy
@@ -640,10 +663,11 @@ def sb_sweep(
         rotate_and_slice(sliced, calib_ids, dims, tied=tied, batch_size=batch_size, progress=False)
         ppl = perplexity_on_ids(sliced, select_ids, batch_size=batch_size, progress=False).perplexity
         params = ledger_totals(parameter_ledger(sliced))["total"]
-        rows.append({"sb": sb, "mean_slice": 1 - float(np.mean(dims)) / d, "params": params, "perplexity": ppl})
+        realised = 1 - float(np.mean(dims)) / d
+        rows.append({"sp": sp, "sb": sb, "mean_slice": realised, "params": params, "perplexity": ppl})
         if eval_ids is not None:
             rows[-1]["eval_perplexity"] = perplexity_on_ids(sliced, eval_ids, batch_size, progress=False).perplexity
         del sliced
     table = pd.DataFrame(rows)
-    table["best"] = table["perplexity"] == table["perplexity"].min()
+    table["best"] = table.index.isin(best_dynamic(table, "perplexity").index)
     return table

@@ -213,3 +213,24 @@ def test_slider_callback_updates_image_and_readout(tmp_path):
     app.model.value = app.model.options[1]  # another LR vector: new figure, same SP and SB
     floored = 1 - np.floor(0.95 * shape.hidden_size / 8) * 8 / shape.hidden_size  # SB = SP rounds down (SliceGPT)
     assert app.image.value != shown and f"realised-mean'>{floored:.3f}<" in app.readout.value
+
+
+def test_allocation_dims_honours_multiple_and_matches_allocate():
+    from helpers.slicing import allocation_dims
+
+    lr = np.random.default_rng(3).uniform(0.7, 1.0, 12)
+    for multiple in (1, 8, 32):
+        dims = allocation_dims(lr, 0.3, 0.1, 576, multiple=multiple)
+        assert dims == allocate(lr, 0.3, 0.1, 576, multiple=multiple).kept_dim.tolist()
+        assert all(d % multiple == 0 for d in dims)
+    assert allocation_dims(lr, 0.3, 0.1, 576, multiple=1) != allocation_dims(lr, 0.3, 0.1, 576, multiple=32)
+
+
+def test_best_dynamic_never_picks_constant():
+    from helpers.slicing import best_dynamic
+
+    table = pd.DataFrame(
+        {"sp": [0.3, 0.3, 0.3, 0.2, 0.2], "sb": [0.3, 0.2, 0.0, 0.2, 0.1], "perplexity": [10.0, 12.0, 11.0, 5.0, 6.0]}
+    )
+    picked = best_dynamic(table, "perplexity")
+    assert picked[["sp", "sb"]].values.tolist() == [[0.2, 0.1], [0.3, 0.0]]  # SB = SP scores best but is constant
