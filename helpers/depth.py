@@ -5,7 +5,7 @@ Block scores compare the residual stream x_l (input of layer l) with x_{l+n}
 `LayerStatistic` sees one layer at a time, so `block_scores` keeps the states
 x_0..x_L of one batch only, adds that batch's token cosines and angular
 distances to running sums, and drops the batch: memory does not grow with the
-corpus. See docs/method.md section 5.
+corpus. See docs/method.md section 4.
 
 `remove_layers` deletes decoder layers and renumbers what the KV cache and the
 attention masks key on, giving a smaller, ordinary Hugging Face model.

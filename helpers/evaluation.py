@@ -1,4 +1,4 @@
-"""Perplexity with the convention of docs/method.md section 6.
+"""Perplexity with the convention of docs/method.md section 5.
 
 The text is joined once, tokenised once (a BOS only where the model family
 wants one, see helpers.textdata), cut into non-overlapping windows of `seqlen`

@@ -4,7 +4,7 @@ Offline sources: the four Project Gutenberg novels of Debian's `r-cran-tidytext`
 (the same kind of text as PG-19) and any plain `.txt` file. Online sources:
 `wikitext2` and `pg19` through the `datasets` package.
 
-BOS convention (docs/method.md section 6): windows are cut from one
+BOS convention (docs/method.md section 5): windows are cut from one
 tokenisation of the whole text with `add_special_tokens=False`. Whether each
 window starts with the BOS token is the model family's decision (its adapter's
 `prepend_bos`, which `helpers.models.load_model` records on the tokenizer):

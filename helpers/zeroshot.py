@@ -1,4 +1,4 @@
-"""Zero-shot multiple-choice scoring in the lm-evaluation-harness convention (docs/method.md section 6).
+"""Zero-shot multiple-choice scoring in the lm-evaluation-harness convention (docs/method.md section 5).
 
 An option's score is the sum of the log-probabilities of its continuation tokens given its context.
 acc takes the argmax of the sums; acc_norm the argmax of the sums divided by the option's length in
