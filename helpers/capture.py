@@ -63,7 +63,7 @@ def layer_hooks(model: nn.Module, callback: LayerCallback) -> Iterator[None]:
 
 
 def counted_tokens(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Which positions count in LR means and PCA covariances: all but the BOS token, where the family prepends one.
+    """Which positions count in per-layer statistics (LR means): all but the BOS token, where the family prepends one.
 
     A prepended BOS is an attention sink: its hidden state is huge and nearly
     the same in every window, so it would dominate the covariance and say

@@ -41,7 +41,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from helpers.adapters import ModelAdapter, get_adapter
-from helpers.capture import counted_tokens
 from helpers.sliced_layers import (
     RotatedEmbedding,
     TiedHead,
@@ -178,22 +177,19 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def principal_basis(
-    chunks: Sequence[torch.Tensor],
-    device: torch.device,
-    damping: float = DAMPING,
-    masks: Sequence[torch.Tensor] | None = None,
+    chunks: Sequence[torch.Tensor], device: torch.device, damping: float = DAMPING
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors (columns, float64) and eigenvalues of sum X^T X over the counted tokens, largest first.
+    """Eigenvectors (columns, float64) and eigenvalues of sum X^T X over all tokens, largest first.
 
     The covariance is uncentred, accumulated in float64, and damped by
     `damping` x its mean diagonal so that near-zero directions stay well defined.
-    `masks` (one bool (batch, tokens) per chunk) leave tokens out, e.g. the BOS.
+    Every token counts, a BOS included: the sliced model must carry the BOS
+    state (an attention sink) forward (docs/method.md section 3).
     """
     dim = chunks[0].shape[-1]
     cov = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    for index, chunk in enumerate(chunks):
-        x = chunk.to(device)
-        x = (x[masks[index].to(device)] if masks is not None else x.reshape(-1, dim)).double()
+    for chunk in chunks:
+        x = chunk.to(device).reshape(-1, dim).double()
         cov += x.T @ x
     cov += damping * cov.diagonal().mean() * torch.eye(dim, dtype=torch.float64, device=device)
     values, vectors = _eigh(cov)
@@ -291,7 +287,6 @@ class _Calibration:
     """The state the sequential loop carries from one residual boundary to the next."""
 
     xs: list[torch.Tensor]  # calibration activations in the current basis, one chunk per batch
-    masks: list[torch.Tensor]  # which tokens count in the PCA (the BOS does not)
     basis: torch.Tensor  # d x k: the current basis, in original coordinates
     device: torch.device
     damping: float
@@ -299,7 +294,7 @@ class _Calibration:
 
     def pca(self, chunks: list[torch.Tensor], name: str, keep: int) -> torch.Tensor:
         """The top `keep` principal directions of `chunks` (original basis); spectrum kept under `name`."""
-        basis, values = principal_basis(chunks, self.device, self.damping, self.masks)
+        basis, values = principal_basis(chunks, self.device, self.damping)
         self.info.eigenvalues[name] = values.cpu().numpy()
         return basis[:, :keep].cpu()
 
@@ -420,8 +415,8 @@ def rotate_and_slice(
 ) -> SlicingInfo:
     """Slice `model` in place so that layer i keeps `dims[i]` residual dimensions; return what was done.
 
-    `input_ids` (windows, seqlen) are the calibration windows; BOS positions
-    are left out of every PCA (helpers.capture.counted_tokens). The model stays
+    `input_ids` (windows, seqlen) are the calibration windows (every token,
+    a BOS included, counts in the PCA). The model stays
     on the CPU; only the current layer and its activations go to `device`
     (CUDA when present). `tied=None` keeps one embedding table when the model
     ships with tied embeddings. Constant slicing is `dims = [k] * n_layers`.
@@ -440,10 +435,9 @@ def rotate_and_slice(
     layer_kwargs = _record_layer_kwargs(model, input_ids[:1])
     table = adapter.embedding(model)
     final_scale = adapter.norm_scale(adapter.final_norm(model)).double().clone()
-    masks = [counted_tokens(model, ids) for ids in batches]
 
     make_rotation_invariant(model)
-    calib = _Calibration([], masks, torch.eye(d, dtype=torch.float64), pick_device(device), damping, info)
+    calib = _Calibration([], torch.eye(d, dtype=torch.float64), pick_device(device), damping, info)
     basis_0 = first_basis(model, calib, batches, dims[0])
     for i in tqdm(range(n_layers), desc="slice", unit="layer", disable=not progress):
         d_out = dims[i + 1] if i + 1 < n_layers else d

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from helpers import allocation
 from helpers.adapters import get_adapter
+from helpers.capture import collect_hidden_states
 from helpers.ledger import ledger_totals, parameter_ledger
 from helpers.models import tiny_model
+from helpers.redundancy import layer_redundancy
 from helpers.sliced_layers import PostNormSlicedLayer
 from helpers.slicing import load_sliced, make_rotation_invariant, rotate_and_slice, save_sliced
 
@@ -90,13 +94,15 @@ def test_dynamic_slicing_shapes_ledger_and_reload(tied, tmp_path):
     assert torch.equal(logits(reloaded, ids), out)
 
 
-def test_bos_is_left_out_of_the_pca():
-    """The BOS row is an attention sink: with it masked, the first basis ignores where it points."""
+def test_lr_leaves_the_bos_out_but_the_pca_keeps_it():
+    """LR is about the text: BOS positions do not count. PCA keeps them: the sliced model must carry the sink."""
     ids = calib()
     model = noisy_gemma(tied=False)
     with torch.no_grad():
         model.model.embed_tokens.weight[2] *= 1000  # a huge BOS embedding
+    states = collect_hidden_states(model, ids)
+    direct = [torch.cosine_similarity(a[:, 1:], b[:, 1:], dim=-1).mean().item() for a, b in itertools.pairwise(states)]
+    assert np.allclose(layer_redundancy(model, ids, progress=False)["lr"], direct, atol=1e-5)
     info = rotate_and_slice(model, ids, [64] * 6, progress=False)
-    plain = noisy_gemma(tied=False)
-    plain_info = rotate_and_slice(plain, ids, [64] * 6, progress=False)
-    assert np.allclose(info.eigenvalues["attn_0"], plain_info.eigenvalues["attn_0"])
+    first = collect_hidden_states(noisy_gemma(tied=False), ids)[0]
+    assert info.eigenvalues["attn_0"][0] > 1000 * first.pow(2).sum()  # the BOS direction leads the spectrum
