@@ -1,12 +1,12 @@
 """From Layer Redundancy to per-layer slice fractions (SP, SB), kept dimensions and parameter counts.
 
-METHOD.md section 2: SLR_i = (SP - SB) * n_i / mean(n), FS_i = SB + SLR_i, where n is
+docs/method.md section 2: SLR_i = (SP - SB) * n_i / mean(n), FS_i = SB + SLR_i, where n is
 the min-max normalised LR score. Unlike the reference code, every FS_i stays inside
 [0, FS_max] while the mean stays exactly SP (what clipping removes is spread over the
 layers that still have room, keeping the order by LR), and the kept dimensions are
 rounded to a multiple so that the realised mean slice is as close to SP as possible.
-Pure NumPy: no model is needed. The parameter formulas follow the shared contract in
-the slicing brief (one shape for the allocation and for the real sliced model).
+Pure NumPy: no model is needed. The parameter formulas take each family's per-layer
+shape from its adapter (one shape for the allocation and for the real sliced model).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from helpers.adapters import get_adapter
+from helpers.adapters.base import LayerShape
 from helpers.redundancy import normalise
 
 DEFAULT_FS_MAX = 0.95
@@ -129,38 +131,30 @@ def kept_dims(fs: np.ndarray, hidden_size: int, multiple: int = DEFAULT_MULTIPLE
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the parameter count of a Llama-family model depends on (see the sliced-shape contract)."""
+    """What a model's parameter count depends on; the per-layer formula comes from its family's adapter."""
 
     vocab_size: int
     hidden_size: int
     n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate_size: int
     tied_embeddings: bool
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
+    layer: LayerShape
+    position_rows: int = 0  # learned position tables (OPT)
+    final_norm: int = 0  # parameters of the final norm
+    family: str = ""
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
-        """Read the shape from a Hugging Face Llama/Mistral/Qwen2 config (no weights needed)."""
-        d, heads = config.hidden_size, config.num_attention_heads
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        qwen2 = getattr(config, "model_type", "") == "qwen2"
+        """Read the shape from a Hugging Face config of a supported family (no weights needed)."""
+        adapter = get_adapter(config)
         return cls(
             vocab_size=config.vocab_size,
-            hidden_size=d,
+            hidden_size=config.hidden_size,
             n_layers=config.num_hidden_layers,
-            n_heads=heads,
-            n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or d // heads,
-            intermediate_size=config.intermediate_size,
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=qwen2 or attention_bias,
-            o_bias=attention_bias and not qwen2,
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            layer=adapter.layer_shape(config),
+            position_rows=adapter.position_rows(config),
+            final_norm=adapter.final_norm_params(config),
+            family=adapter.family,
         )
 
     @classmethod
@@ -181,18 +175,18 @@ def _with_total(parts: dict[str, int]) -> dict[str, int]:
 
 def dense_param_count(shape: ModelShape) -> dict[str, int]:
     """Parameters of the model as shipped, by part: embeddings, head, attention, mlp, shortcuts, norms, total."""
-    d, s = shape.hidden_size, shape
-    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    attention = d * q + 2 * d * kv + q * d + s.qkv_bias * (q + 2 * kv) + s.o_bias * d
-    mlp = 3 * d * s.intermediate_size + s.mlp_bias * (2 * s.intermediate_size + d)
+    d, s, ly = shape.hidden_size, shape, shape.layer
+    attention = d * (ly.attention_reads + ly.attention_writes) + ly.attention_writer_bias * d + ly.attention_fixed
+    mlp = d * (ly.mlp_reads + ly.mlp_writes) + ly.mlp_writer_bias * d + ly.mlp_fixed
     return _with_total(
         {
-            "embeddings": s.vocab_size * d,
+            "embeddings": (s.vocab_size + s.position_rows) * d,
             "head": 0 if s.tied_embeddings else s.vocab_size * d,
             "attention": s.n_layers * attention,
             "mlp": s.n_layers * mlp,
             "shortcuts": 0,
-            "norms": (2 * s.n_layers + 1) * d,
+            "post_norm_maps": 0,
+            "norms": s.n_layers * ly.norms * d * (1 + ly.norm_bias) + s.final_norm,
         }
     )
 
@@ -201,29 +195,36 @@ def sliced_param_count(shape: ModelShape, dims: np.ndarray, tied: bool | None = 
     """Parameters of the model sliced to kept dimensions `dims` (one per layer), same parts as dense.
 
     Tied layout (tied=None follows the shape): the shared V x d table plus a d x d_0 input map
-    count as embeddings, the final norm's d-vector scale as head. Untied: V x d_0 embeddings, V x d head.
+    count as embeddings, the final norm's d-vector scale as head. Untied: V x d_0 embeddings, V x d head
+    (plus a V bias when a LayerNorm's bias was folded into it). Post-norm blocks keep their
+    output projections at width d and add a d x d_i and a d x d_{i+1} map.
     """
-    s, d = shape, shape.hidden_size
+    s, d, ly = shape, shape.hidden_size, shape.layer
     dims = np.asarray(dims)
     if dims.shape != (s.n_layers,) or not np.issubdtype(dims.dtype, np.integer) or dims.min() < 1 or dims.max() > d:
         raise ValueError(f"dims must be {s.n_layers} integers in [1, {d}] (one per layer), got {dims!r}.")
     tied = s.tied_embeddings if tied is None else tied
     dims_in = dims.astype(np.int64)
     dims_out = np.append(dims_in[1:], d)  # the last layer's MLP writes full d for the head
-    q, kv, inter = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.intermediate_size
-    attention = (q + 2 * kv + q) * dims_in.sum() + s.n_layers * s.qkv_bias * (q + 2 * kv) + s.o_bias * dims_in.sum()
-    mlp = 2 * inter * dims_in.sum() + inter * dims_out.sum() + s.mlp_bias * (2 * inter * s.n_layers + dims_out.sum())
+    # what the writers write into: the sliced basis, or full d followed by a map in post-norm blocks
+    full = np.full(s.n_layers, d)
+    written_attn, written_mlp = (full, full) if ly.post_norms else (dims_in, dims_out)
+    attention = ly.attention_reads * dims_in.sum()
+    attention += (ly.attention_writes + ly.attention_writer_bias) * written_attn.sum()
+    mlp = ly.mlp_reads * dims_in.sum() + (ly.mlp_writes + ly.mlp_writer_bias) * written_mlp.sum()
+    attention, mlp = attention + s.n_layers * ly.attention_fixed, mlp + s.n_layers * ly.mlp_fixed
     if tied:
         embeddings, head = s.vocab_size * d + d * dims_in[0], d
     else:
-        embeddings, head = s.vocab_size * dims_in[0], s.vocab_size * d
+        embeddings, head = s.vocab_size * dims_in[0], s.vocab_size * (d + ly.norm_bias)
     return _with_total(
         {
-            "embeddings": embeddings,
+            "embeddings": embeddings + s.position_rows * dims_in[0],
             "head": head,
             "attention": attention,
             "mlp": mlp,
             "shortcuts": (dims_in * dims_in).sum() + (dims_in * dims_out).sum(),
+            "post_norm_maps": ly.post_norms * d * (dims_in.sum() + dims_out.sum()),
             "norms": 0,
         }
     )

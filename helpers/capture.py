@@ -62,6 +62,19 @@ def layer_hooks(model: nn.Module, callback: LayerCallback) -> Iterator[None]:
         inputs.clear()
 
 
+def counted_tokens(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Which positions count in per-layer statistics (LR means): all but the BOS token, where the family prepends one.
+
+    A prepended BOS is an attention sink: its hidden state is huge and nearly
+    the same in every window, so it would dominate the covariance and say
+    nothing about the text (docs/method.md, BOS convention).
+    """
+    bos = model.config.bos_token_id if get_adapter(model).prepend_bos else None
+    if bos is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    return input_ids != bos
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -77,14 +90,17 @@ def stream_statistics(
 ) -> Sequence[LayerStatistic]:
     """Run `input_ids` (n, seqlen) through the model's backbone in batches, feeding every statistic.
 
-    Tokens where `attention_mask` is 0 (padding) are excluded via the mask
-    each statistic receives. The LM head is not run: only hidden states matter.
+    Tokens where `attention_mask` is 0 (padding) and BOS positions
+    (`counted_tokens`) are excluded via the mask each statistic receives.
+    The LM head is not run: only hidden states matter.
     """
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
     backbone = get_adapter(model).backbone(model)
     device = _device(model)
-    mask_all = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    mask_all = counted_tokens(model, input_ids)
+    if attention_mask is not None:
+        mask_all &= attention_mask.bool()
     batch_mask: torch.Tensor | None = None
 
     def feed(index: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
@@ -96,7 +112,7 @@ def stream_statistics(
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
             ids = input_ids[start : start + batch_size].to(device)
             batch_mask = mask_all[start : start + batch_size].to(device)
-            am = None if attention_mask is None else batch_mask.long()
+            am = None if attention_mask is None else attention_mask[start : start + batch_size].long().to(device)
             backbone(input_ids=ids, attention_mask=am, use_cache=False)
     return statistics
 

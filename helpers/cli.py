@@ -324,7 +324,7 @@ def _ppl_args(p: argparse.ArgumentParser) -> None:
 
 @command("ppl", _ppl_args)
 def run_ppl(args: argparse.Namespace) -> int:
-    """Perplexity (no BOS, non-overlapping windows) and the realised parameter count."""
+    """Perplexity (non-overlapping windows, BOS as the family wants) and the realised parameter count."""
     from helpers.evaluation import perplexity
     from helpers.ledger import ledger_totals, parameter_ledger
     from helpers.models import load_model
@@ -333,7 +333,8 @@ def run_ppl(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     result = perplexity(model, tokenizer, args.text, args.seqlen, args.windows or None, args.batch_size)
     params = ledger_totals(parameter_ledger(model))["total"]
-    print(f"perplexity {result.perplexity:.3f} on {args.text} ({result.windows} x {result.seqlen} tokens, no BOS)")
+    bos = "BOS first" if result.bos else "no BOS"
+    print(f"perplexity {result.perplexity:.3f} on {args.text} ({result.windows} x {result.seqlen} tokens, {bos})")
     print(f"parameters {params:,}")
     if args.out:
         write_json_atomic(args.out, {**result.as_dict(), "params": params, "model": args.model, "text": args.text})

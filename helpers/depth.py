@@ -5,7 +5,7 @@ Block scores compare the residual stream x_l (input of layer l) with x_{l+n}
 `LayerStatistic` sees one layer at a time, so `block_scores` keeps the states
 x_0..x_L of one batch only, adds that batch's token cosines and angular
 distances to running sums, and drops the batch: memory does not grow with the
-corpus. See METHOD.md section 4.
+corpus. See docs/method.md section 4.
 
 `remove_layers` deletes decoder layers and renumbers what the KV cache and the
 attention masks key on, giving a smaller, ordinary Hugging Face model.
@@ -348,7 +348,7 @@ def load_pruned(folder: str | Path, device: torch.device | str | None = None, dt
         for shard in sorted(folder.glob("*.safetensors")):
             state.update(load_file(shard))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        tied = {get_adapter(config).head_weight_name} if config.tie_word_embeddings else set()
         if unexpected or set(missing) - tied:
             raise ValueError(f"{folder} does not match its pruning.json: missing {missing}, unexpected {unexpected}.")
         model.tie_weights()

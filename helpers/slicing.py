@@ -1,24 +1,33 @@
-"""SliceGPT-style rotate-and-slice with per-layer dimensions (METHOD.md section 3).
+"""SliceGPT-style rotate-and-slice with per-layer dimensions (docs/method.md section 3).
 
-Steps: (1) `make_rotation_invariant` folds every RMS norm's scale into the
-linear layers that read from it, unties the head and leaves weightless RMS
-norms, so outputs are unchanged; (2) `rotate_and_slice` walks the layers in
-order, computes a PCA basis (float64, damped) at each residual boundary on
-calibration activations produced by the already-sliced earlier layers, rotates
-the weights into it and deletes the low-variance directions. Consecutive
-bases are joined by shortcut matrices, rectangular when the kept dimensions
-differ, which is what lets every layer keep its own dimension d_i.
+The recipe, one named step each:
+1. `make_rotation_invariant`: fold every norm's scale (and LayerNorm bias)
+   into the linear layers that read from it, centre the residual stream for
+   LayerNorm families, untie the head, and turn every block into its family's
+   sliced layer at full width (identity shortcuts, weightless RMS norms), so
+   outputs are unchanged;
+2. `first_basis`: PCA of the first layer's inputs;
+3. for each layer in order (`slice_layer`): `slice_attention_half` then
+   `slice_mlp_half`, each computing a PCA basis (float64, damped) of the half's
+   output on calibration activations produced by the already-sliced earlier
+   layers, making the half write into it and joining the bases by a shortcut
+   matrix, rectangular when the kept dimensions differ;
+4. `finish_ends`: the embeddings into the first basis, the head reading the
+   last layer's (identity-basis) output, tied or untied.
 
-Conventions (helpers/adapters, sliced_shape contract): x is a row vector and
-`nn.Linear` computes x W^T; layer i keeps d_i dimensions at its attention and
-MLP inputs, its MLP writes d_{i+1}, and d_L = d (the head reads the full
-width; the last basis is the identity). With `tied=True` the model keeps one
-V x d embedding table shared by input and output, plus a d x d_0 input matrix
-and the final norm's d-vector scale, instead of a second V x d_0 table.
+Conventions (helpers/sliced_layers): x is a row vector and `nn.Linear`
+computes x W^T; layer i keeps d_i dimensions at its attention and MLP inputs,
+its MLP writes d_{i+1}, and d_L = d (the head reads the full width; the last
+basis is the identity). With `tied=True` the model keeps one V x d embedding
+table shared by input and output, plus a d x d_0 input matrix and the final
+norm's d-vector scale, instead of a second V x d_0 table. Everything family-specific
+(which norms, their scales, pre- or post-norm blocks, embedding scale,
+position tables) comes from the adapter (helpers/adapters).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -40,6 +49,14 @@ from helpers.integrity import (
     read_metadata,
     verify_checksums,
 )
+from helpers.sliced_layers import (
+    RotatedEmbedding,
+    TiedHead,
+    WeightlessRMSNorm,
+    rotate_input,
+    rotate_output,
+    set_linear,
+)
 from helpers.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -47,85 +64,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: the tied head stores the final norm's scale as a d-vector, not a d x d matrix
 SLICING_SCHEMA = {"format_version": "int", "hidden_size": "int", "dims": "ints", "tied": "bool"}
 DAMPING = 0.01  # fraction of the mean eigenvalue added to the covariance diagonal
-
-
-class WeightlessRMSNorm(nn.Module):
-    """x / sqrt(sum(x^2) / dim + eps): an RMS norm with no scale, dividing by the ORIGINAL width.
-
-    After slicing, x has fewer coordinates than `dim`, but its squared norm is
-    (almost) that of the unsliced vector, so dividing by the original width
-    keeps the scale the folded weights expect.
-    """
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.dim = dim
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        scale = torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) / self.dim + self.eps)
-        return (x32 * scale).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, eps={self.eps}"
-
-
-class SlicedDecoderLayer(nn.Module):
-    """A pre-norm decoder layer whose residual stream changes basis (and width) through two shortcuts.
-
-    x (d_in) -> h = attn_shortcut(x) + attention(norm(x))         (d_in)
-    h        -> y = mlp_shortcut(h) + mlp(norm(h))                 (d_out)
-    The attention and MLP modules are the model's own (with re-shaped weights),
-    so rotary embeddings, masks and the KV cache work unchanged.
-    """
-
-    def __init__(self, attention: nn.Module, mlp: nn.Module, d_in: int, d_out: int, hidden_size: int, eps: float):
-        super().__init__()
-        self.input_layernorm = WeightlessRMSNorm(hidden_size, eps)
-        self.self_attn = attention
-        self.attn_shortcut = nn.Linear(d_in, d_in, bias=False)
-        self.post_attention_layernorm = WeightlessRMSNorm(hidden_size, eps)
-        self.mlp = mlp
-        self.mlp_shortcut = nn.Linear(d_in, d_out, bias=False)
-
-    def attention_half(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-        return self.attn_shortcut(hidden_states) + (out[0] if isinstance(out, tuple) else out)
-
-    def mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.mlp_shortcut(hidden_states) + self.mlp(self.post_attention_layernorm(hidden_states))
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.mlp_half(self.attention_half(hidden_states, **kwargs))
-
-
-class RotatedEmbedding(nn.Module):
-    """Tied layout, input side: look up the shared V x d table, then project to the first basis (d -> d_0)."""
-
-    def __init__(self, table: nn.Embedding, d_0: int) -> None:
-        super().__init__()
-        self.table = table
-        self.proj = nn.Linear(table.embedding_dim, d_0, bias=False)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.table(input_ids))
-
-
-class TiedHead(nn.Module):
-    """Tied layout, output side: the final norm's scale (a d-vector), then the shared table.
-
-    The last basis is the identity, so mapping back to the table's coordinates
-    is exactly diag(scale): a per-coordinate product, not a d x d matmul.
-    """
-
-    def __init__(self, table: nn.Embedding) -> None:
-        super().__init__()
-        self.table = table  # the same module as RotatedEmbedding.table: one set of parameters
-        self.scale = nn.Parameter(torch.ones(table.embedding_dim, dtype=table.weight.dtype), requires_grad=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden_states * self.scale, self.table.weight)
 
 
 @dataclass
@@ -145,6 +83,210 @@ class SlicingInfo:
             dim = self.dims[layer]
             kept[name] = float(values[:dim].sum() / values.sum())
         return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1: rotation invariance
+# ---------------------------------------------------------------------------------------------
+
+
+def _fold_norm(adapter: ModelAdapter, norm: nn.Module, readers: Sequence[nn.Linear]) -> None:
+    """Fold a norm's scale g and bias beta into the layers reading from it: W -> W diag(g), b -> b + W beta."""
+    scale = adapter.norm_scale(norm).double()
+    shift = adapter.norm_bias(norm)
+    for linear in readers:
+        weight = linear.weight.double()
+        bias = None
+        if shift is not None:
+            bias = weight @ shift.double().to(weight.device)
+            bias = bias if linear.bias is None else bias + linear.bias.double()
+        set_linear(linear, weight * scale.to(weight.device), bias)
+
+
+def _centre_output(linear: nn.Linear) -> None:
+    """Make a layer that writes the residual stream write mean-free vectors: W -> W - mean over outputs."""
+    weight = linear.weight.double()
+    bias = None if linear.bias is None else linear.bias.double() - linear.bias.double().mean()
+    set_linear(linear, weight - weight.mean(0, keepdim=True), bias)
+
+
+def _centre_table(table: nn.Embedding) -> None:
+    """Subtract each row's mean (LayerNorm families: embeddings write mean-free vectors)."""
+    weight = table.weight.detach()
+    table.weight = nn.Parameter(weight - weight.mean(-1, keepdim=True), requires_grad=False)
+
+
+def _invariant_layer(adapter: ModelAdapter, layer: nn.Module, d: int, eps: float) -> nn.Module:
+    """The family's sliced layer at full width: folded readers, identity shortcuts, output-norm scales in maps."""
+    _fold_norm(adapter, adapter.input_norm(layer), adapter.attention_inputs(layer))
+    _fold_norm(adapter, adapter.post_attention_norm(layer), adapter.mlp_inputs(layer))
+    if adapter.centres_residual:
+        _centre_output(adapter.attention_output(layer))
+        _centre_output(adapter.mlp_output(layer))
+    sliced = adapter.sliced_layer(layer, d, d, d, eps).to(adapter.attention_output(layer).weight.device)
+    eye = torch.eye(d, dtype=torch.float64)
+    set_linear(sliced.attn_shortcut, eye)
+    set_linear(sliced.mlp_shortcut, eye)
+    for norm, output_map in zip(adapter.output_norms(layer), sliced.output_maps(), strict=True):
+        set_linear(output_map, torch.diag(adapter.norm_scale(norm).double()))
+    return sliced
+
+
+def _fold_final_norm(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Fold the final norm into a new, untied head: W -> W diag(g), bias W beta (LayerNorm)."""
+    head, norm = adapter.head(model), adapter.final_norm(model)
+    shift = adapter.norm_bias(norm)
+    folded = head.weight.double() * adapter.norm_scale(norm).double()
+    new_head = nn.Linear(
+        folded.shape[1], folded.shape[0], bias=shift is not None, device=head.weight.device, dtype=head.weight.dtype
+    )
+    set_linear(new_head, folded, None if shift is None else head.weight.double() @ shift.double())
+    adapter.set_head(model, new_head)
+
+
+def make_rotation_invariant(model: nn.Module) -> nn.Module:
+    """Fold norms into adjacent linears, untie the head, use the family's sliced layers at full width (in place).
+
+    The model's outputs do not change (up to float error). Raises
+    UnsupportedArchitectureError for families without an adapter.
+    """
+    adapter = get_adapter(model)
+    d, eps = model.config.hidden_size, adapter.norm_eps(model)
+    with torch.no_grad():
+        for index, layer in enumerate(list(adapter.layers(model))):
+            adapter.set_layer(model, index, _invariant_layer(adapter, layer, d, eps))
+        _fold_final_norm(model, adapter)
+        adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
+        if adapter.centres_residual:
+            for table in [adapter.embedding(model), *adapter.position_tables(model)]:
+                _centre_table(table)
+    model.config.tie_word_embeddings = False
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# PCA
+# ---------------------------------------------------------------------------------------------
+
+
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric eigendecomposition; on CPU single-threaded for small matrices.
+
+    LAPACK gains nothing from threads at d ~ 1000, and on a busy CPU the
+    thread pool's contention made a 576 x 576 eigh 10x slower than one thread.
+    """
+    if matrix.device.type != "cpu" or matrix.shape[0] > 2048:
+        return torch.linalg.eigh(matrix)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(matrix)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def principal_basis(
+    chunks: Iterable[torch.Tensor], device: torch.device, damping: float = DAMPING
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors (columns, float64) and eigenvalues of sum X^T X over all tokens, largest first.
+
+    The covariance is uncentred, accumulated in float64, and damped by
+    `damping` x its mean diagonal so that near-zero directions stay well defined.
+    Every token counts, a BOS included: the sliced model must carry the BOS
+    state (an attention sink) forward (docs/method.md section 3).
+    """
+    cov = None
+    for chunk in chunks:
+        x = chunk.to(device).reshape(-1, chunk.shape[-1]).double()
+        cov = x.T @ x if cov is None else cov + x.T @ x
+    dim = cov.shape[0]
+    cov += damping * cov.diagonal().mean() * torch.eye(dim, dtype=torch.float64, device=device)
+    values, vectors = _eigh(cov)
+    order = torch.argsort(values, descending=True)
+    return vectors[:, order], values[order]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sequential loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_device(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to_device(item, device) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _to_device(value, device) for key, value in obj.items()}
+    return obj
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs."""
+
+
+def _record_layer_kwargs(model: nn.Module, input_ids: torch.Tensor) -> list[dict]:
+    """Run one window and keep each layer's keyword arguments (mask, rotary embeddings, positions)."""
+    adapter = get_adapter(model)
+    recorded: list[dict] = [{} for _ in adapter.layers(model)]
+    handles = []
+    for index, layer in enumerate(adapter.layers(model)):
+
+        def hook(_module, _args, kwargs, index=index):
+            recorded[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            adapter.backbone(model)(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorded
+
+
+def _first_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor], inputs: ActivationStore) -> None:
+    """Append to `inputs` what the first decoder layer receives (scaled embeddings plus any learned positions)."""
+    adapter = get_adapter(model)
+
+    def hook(_module, args, kwargs):
+        inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _StopForward
+
+    handle = adapter.layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                with contextlib.suppress(_StopForward):
+                    adapter.backbone(model)(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+
+
+def check_dims(dims: Sequence[int], n_layers: int, hidden_size: int) -> list[int]:
+    """Validate per-layer kept dimensions: one per layer, each in [1, d]."""
+    dims = [int(v) for v in dims]
+    if len(dims) != n_layers:
+        raise ValueError(f"dims must have one entry per layer ({n_layers}), got {len(dims)}.")
+    bad = [v for v in dims if not 1 <= v <= hidden_size]
+    if bad:
+        raise ValueError(f"Every kept dimension must be in [1, {hidden_size}]; got {bad}.")
+    return dims
+
+
+def constant_dims(model_or_config, slice_fraction: float, multiple: int = 8) -> list[int]:
+    """One dimension for every layer: (1 - slice) x d rounded down to a multiple of `multiple` (SliceGPT)."""
+    from helpers.allocation import kept_dims
+
+    config = getattr(model_or_config, "config", model_or_config)
+    if not 0 <= slice_fraction < 1:
+        raise ValueError(f"slice_fraction must be in [0, 1), got {slice_fraction}.")
+    fs = np.full(config.num_hidden_layers, slice_fraction)
+    return [int(d) for d in kept_dims(fs, config.hidden_size, multiple)]
+
+
+def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
 
 
 class ActivationStore:
@@ -182,155 +324,125 @@ class ActivationStore:
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Weight surgery helpers
-# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Calibration:
+    """The state the sequential loop carries from one residual boundary to the next."""
+
+    xs: ActivationStore  # calibration activations in the current basis, one chunk per batch
+    basis: torch.Tensor  # d x k: the current basis, in original coordinates
+    device: torch.device
+    damping: float
+    info: SlicingInfo
+
+    def pca(self, chunks: ActivationStore, name: str, keep: int) -> torch.Tensor:
+        """The top `keep` principal directions of `chunks` (original basis); spectrum kept under `name`."""
+        basis, values = principal_basis(chunks, self.device, self.damping)
+        self.info.eigenvalues[name] = values.cpu().numpy()
+        return basis[:, :keep].cpu()
+
+    def move_to(self, outputs: ActivationStore, basis: torch.Tensor) -> None:
+        """The next boundary: activations `outputs` (original basis) expressed in `basis`."""
+        self.xs = outputs.map(lambda y: (y.double() @ basis).to(y.dtype))
+        self.basis = basis
 
 
-def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """Give `linear` a new weight (out x in) and optionally bias, keeping its dtype and device."""
-    ref = linear.weight
-    linear.weight = nn.Parameter(weight.to(ref.dtype).to(ref.device), requires_grad=False)
-    linear.out_features, linear.in_features = weight.shape
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.to(ref.dtype).to(ref.device), requires_grad=False)
+def first_basis(model: nn.Module, calib: _Calibration, batches: Sequence[torch.Tensor], d_0: int) -> torch.Tensor:
+    """Step 2: the PCA basis of the first layer's inputs; the calibration moves into it."""
+    inputs = ActivationStore(calib.xs.folder)
+    _first_layer_inputs(model, batches, inputs)
+    basis = calib.pca(inputs, "attn_0", d_0)
+    calib.move_to(inputs, basis)
+    return basis
 
 
-def _rotate_input(linear: nn.Linear, basis: torch.Tensor) -> None:
-    """The linear layer now reads coordinates in `basis` (d x k): W -> W Q."""
-    _set_linear(linear, linear.weight.double() @ basis.to(linear.weight.device))
+def _writers(adapter: ModelAdapter, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The two linear layers of a (sliced) layer that write the residual stream."""
+    return layer.residual_writers(adapter.attention_output(layer), adapter.mlp_output(layer))
 
 
-def _rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:
-    """The linear layer now writes coordinates in `basis` (d x k): W -> Q^T W, b -> b Q."""
-    basis = basis.to(linear.weight.device)
-    bias = None if linear.bias is None else linear.bias.double() @ basis
-    _set_linear(linear, basis.T @ linear.weight.double(), bias)
+def slice_attention_half(
+    adapter: ModelAdapter, layer: nn.Module, index: int, calib: _Calibration, kwargs: dict
+) -> None:
+    """Attention reads the current basis; its output (measured in the original basis) goes into its PCA basis."""
+    basis_in = calib.basis
+    for linear in adapter.attention_inputs(layer):
+        rotate_input(linear, basis_in)
+    set_linear(layer.attn_shortcut, basis_in)  # for now the half writes original coordinates
+    outputs = calib.xs.map(lambda x: layer.attention_half(x.to(calib.device), **kwargs).cpu())
+    basis_mid = calib.pca(outputs, f"mlp_{index}", basis_in.shape[1])
+    rotate_output(_writers(adapter, layer)[0], basis_mid)
+    set_linear(layer.attn_shortcut, basis_mid.T @ basis_in)
+    calib.move_to(outputs, basis_mid)
 
 
-def _fold_scale(linears: Sequence[nn.Linear], scale: torch.Tensor) -> None:
-    """Fold a norm's per-coordinate scale into the layers reading from it: W -> W diag(g)."""
-    for linear in linears:
-        _set_linear(linear, linear.weight.double() * scale.double().to(linear.weight.device))
+def slice_mlp_half(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: _Calibration) -> None:
+    """Same pattern for the MLP; after the last layer the basis is the identity (the head reads full d)."""
+    basis_mid = calib.basis
+    for linear in adapter.mlp_inputs(layer):
+        rotate_input(linear, basis_mid)
+    set_linear(layer.mlp_shortcut, basis_mid)
+    outputs = calib.xs.map(lambda x: layer.mlp_half(x.to(calib.device)).cpu())
+    if index + 1 < len(calib.info.dims):
+        basis_out = calib.pca(outputs, f"attn_{index + 1}", d_out)
+    else:
+        basis_out = torch.eye(d_out, dtype=torch.float64)
+    rotate_output(_writers(adapter, layer)[1], basis_out)
+    set_linear(layer.mlp_shortcut, basis_out.T @ basis_mid)
+    calib.move_to(outputs, basis_out)
 
 
-def make_rotation_invariant(model: nn.Module) -> nn.Module:
-    """Fold norm scales into adjacent linears, untie the head, use weightless RMS norms (in place).
-
-    The model's outputs do not change (up to float error). Raises
-    UnsupportedArchitectureError for families without an adapter.
-    """
-    adapter = get_adapter(model)
-    d, eps = model.config.hidden_size, adapter.norm_eps(model)
+def slice_layer(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: _Calibration, kwargs: dict):
+    """Step 3 for one (full-width, folded) layer: slice its two halves on the accelerator, then back to the CPU."""
+    dtype = adapter.attention_output(layer).weight.dtype
+    layer.to(device=calib.device, dtype=dtype)
     with torch.no_grad():
-        for layer in adapter.layers(model):
-            _fold_scale(adapter.attention_inputs(layer), adapter.input_norm(layer).weight)
-            _fold_scale(adapter.mlp_inputs(layer), adapter.post_attention_norm(layer).weight)
-            adapter.set_norms(layer, WeightlessRMSNorm(d, eps), WeightlessRMSNorm(d, eps))
-        head = adapter.head(model)
-        folded = head.weight.double() * adapter.final_norm(model).weight.double()
-        new_head = nn.Linear(d, folded.shape[0], bias=False, device=head.weight.device, dtype=head.weight.dtype)
-        _set_linear(new_head, folded)
-        adapter.set_head(model, new_head)
-        adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
-    model.config.tie_word_embeddings = False
-    return model
+        slice_attention_half(adapter, layer, index, calib, _to_device(kwargs, calib.device))
+        slice_mlp_half(adapter, layer, index, d_out, calib)
+    layer.cpu()
 
 
-# ---------------------------------------------------------------------------------------------
-# PCA and the sequential loop
-# ---------------------------------------------------------------------------------------------
+def finish_ends(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    table: nn.Module,
+    basis: torch.Tensor,
+    final_scale: torch.Tensor,
+    tied: bool,
+) -> None:
+    """Step 4: embeddings (and learned positions) into the first basis; the head reads the identity basis.
 
-
-def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric eigendecomposition; on CPU single-threaded for small matrices.
-
-    LAPACK gains nothing from threads at d ~ 1000, and on a busy CPU the
-    thread pool's contention made a 576 x 576 eigh 10x slower than one thread.
+    Tied: the original (scaled) embedding module stays as the shared table,
+    followed by a d x d_0 projection; the head maps back through the final
+    norm's scale (a d-vector) and reads the same table. Untied: a V x d_0 table
+    with the embedding scale folded in; the head was folded and untied in step 1.
     """
-    if matrix.device.type != "cpu" or matrix.shape[0] > 2048:
-        return torch.linalg.eigh(matrix)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigh(matrix)
-    finally:
-        torch.set_num_threads(threads)
+    dtype = table.weight.dtype
+    for positions in adapter.position_tables(model):
+        positions.weight = nn.Parameter((positions.weight.double() @ basis).to(dtype), requires_grad=False)
+    if tied:
+        embedding = RotatedEmbedding(table, basis.shape[1]).to(dtype)
+        set_linear(embedding.proj, basis.T)
+        head = TiedHead(table)
+        head.scale.copy_(final_scale.to(head.scale.dtype))
+        adapter.set_embedding(model, embedding)
+        adapter.set_head(model, head)
+        return
+    weight = adapter.embedding_scale(model) * table.weight.double() @ basis
+    embedding = nn.Embedding(weight.shape[0], weight.shape[1], dtype=dtype)
+    embedding.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    adapter.set_embedding(model, embedding)
 
 
-def principal_basis(
-    chunks: Iterable[torch.Tensor], device: torch.device, damping: float = DAMPING
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors (columns, float64) and eigenvalues of sum X^T X over all tokens, largest first.
-
-    The covariance is uncentred, accumulated in float64, and damped by
-    `damping` x its mean diagonal so that near-zero directions stay well defined.
-    """
-    cov = None
-    for chunk in chunks:
-        x = chunk.to(device).reshape(-1, chunk.shape[-1]).double()
-        cov = x.T @ x if cov is None else cov + x.T @ x
-    dim = cov.shape[0]
-    cov += damping * cov.diagonal().mean() * torch.eye(dim, dtype=torch.float64, device=device)
-    values, vectors = _eigh(cov)
-    order = torch.argsort(values, descending=True)
-    return vectors[:, order], values[order]
-
-
-def _to_device(obj, device: torch.device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_to_device(item, device) for item in obj)
-    if isinstance(obj, dict):
-        return {key: _to_device(value, device) for key, value in obj.items()}
-    return obj
-
-
-def _record_layer_kwargs(model: nn.Module, input_ids: torch.Tensor) -> list[dict]:
-    """Run one window and keep each layer's keyword arguments (mask, rotary embeddings, positions)."""
-    adapter = get_adapter(model)
-    recorded: list[dict] = [{} for _ in adapter.layers(model)]
-    handles = []
-    for index, layer in enumerate(adapter.layers(model)):
-
-        def hook(_module, _args, kwargs, index=index):
-            recorded[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            adapter.backbone(model)(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return recorded
-
-
-def check_dims(dims: Sequence[int], n_layers: int, hidden_size: int) -> list[int]:
-    """Validate per-layer kept dimensions: one per layer, each in [1, d]."""
-    dims = [int(v) for v in dims]
-    if len(dims) != n_layers:
-        raise ValueError(f"dims must have one entry per layer ({n_layers}), got {len(dims)}.")
-    bad = [v for v in dims if not 1 <= v <= hidden_size]
-    if bad:
-        raise ValueError(f"Every kept dimension must be in [1, {hidden_size}]; got {bad}.")
-    return dims
-
-
-def constant_dims(model_or_config, slice_fraction: float, multiple: int = 8) -> list[int]:
-    """One dimension for every layer: (1 - slice) x d rounded down to a multiple of `multiple` (SliceGPT)."""
-    from helpers.allocation import kept_dims
-
-    config = getattr(model_or_config, "config", model_or_config)
-    if not 0 <= slice_fraction < 1:
-        raise ValueError(f"slice_fraction must be in [0, 1), got {slice_fraction}.")
-    fs = np.full(config.num_hidden_layers, slice_fraction)
-    return [int(d) for d in kept_dims(fs, config.hidden_size, multiple)]
-
-
-def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
+def _layout(adapter: ModelAdapter, model: nn.Module, tied: bool | None) -> bool:
+    """Whether to keep one shared table: the model's own choice unless asked, where the family allows it."""
+    ships_tied = adapter.tied(model)
+    if tied is None:
+        return ships_tied and not adapter.centres_residual
+    if tied and not ships_tied:
+        raise ValueError("tied=True needs a model whose embeddings are tied; use tied=False for this model.")
+    if tied and adapter.centres_residual:
+        raise ValueError(f"The tied layout is not available for {adapter.family} (LayerNorm); use tied=False.")
+    return bool(tied)
 
 
 def rotate_and_slice(
@@ -346,7 +458,8 @@ def rotate_and_slice(
 ) -> SlicingInfo:
     """Slice `model` in place so that layer i keeps `dims[i]` residual dimensions; return what was done.
 
-    `input_ids` (windows, seqlen) are the calibration windows. The model stays
+    `input_ids` (windows, seqlen) are the calibration windows (every token,
+    a BOS included, counts in the PCA). The model stays
     on the CPU; only the current layer and its activations go to `device`
     (CUDA when present). `tied=None` keeps one embedding table when the model
     ships with tied embeddings. Constant slicing is `dims = [k] * n_layers`.
@@ -374,102 +487,29 @@ def _rotate_and_slice(
     from helpers.models import pick_device
 
     adapter = get_adapter(model)
-    config = model.config
-    d, n_layers = config.hidden_size, config.num_hidden_layers
+    d, n_layers = model.config.hidden_size, model.config.num_hidden_layers
     dims = check_dims(dims, n_layers, d)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
     check_calibration_tokens(input_ids.numel(), d, allow_few=True)  # a loud warning; the CLI refuses
-    ships_tied = adapter.tied(model)
-    tied = ships_tied if tied is None else bool(tied)
-    if tied and not ships_tied:
-        raise ValueError("tied=True needs a model whose embeddings are tied; use tied=False for this model.")
-    device = pick_device(device)
+    tied = _layout(adapter, model, tied)
     model.cpu().eval()
-    eps = adapter.norm_eps(model)
     info = SlicingInfo(dims=dims, tied=tied, hidden_size=d)
-
+    batches = _batches(input_ids, batch_size)
     layer_kwargs = _record_layer_kwargs(model, input_ids[:1])
     table = adapter.embedding(model)
-    final_scale = adapter.final_norm(model).weight.detach().double().clone()
+    final_scale = adapter.norm_scale(adapter.final_norm(model)).double().clone()
+
     make_rotation_invariant(model)
-
-    with torch.no_grad():
-        xs = ActivationStore(store)
-        for ids in _batches(input_ids, batch_size):
-            xs.append(table(ids))
-    basis, values = principal_basis(xs, device, damping)
-    info.eigenvalues["attn_0"] = values.cpu().numpy()
-    first_basis = basis[:, : dims[0]].cpu()
-    xs = xs.map(lambda x: (x.double() @ first_basis).to(x.dtype))
-    basis_in = first_basis
-
+    calib = _Calibration(ActivationStore(store), torch.eye(d, dtype=torch.float64), pick_device(device), damping, info)
+    basis_0 = first_basis(model, calib, batches, dims[0])
     for i in tqdm(range(n_layers), desc="slice", unit="layer", disable=not progress):
-        layer = adapter.layers(model)[i]
-        d_in = dims[i]
         d_out = dims[i + 1] if i + 1 < n_layers else d
-        kwargs = _to_device(layer_kwargs[i], device)
-        sliced = SlicedDecoderLayer(adapter.attention(layer), adapter.mlp(layer), d_in, d_out, d, eps)
-        sliced.to(device=device, dtype=table.weight.dtype)
-        with torch.no_grad():
-            # attention half, written in the original basis while we measure its output
-            for linear in adapter.attention_inputs(layer):
-                _rotate_input(linear, basis_in)
-            _set_linear(sliced.attn_shortcut, basis_in)
-            hs = xs.map(lambda x, layer=sliced, kw=kwargs: layer.attention_half(x.to(device), **kw).cpu())
-            basis, values = principal_basis(hs, device, damping)
-            info.eigenvalues[f"mlp_{i}"] = values.cpu().numpy()
-            basis_mid = basis[:, :d_in].cpu()
-            _rotate_output(adapter.attention_output(layer), basis_mid)
-            _set_linear(sliced.attn_shortcut, basis_mid.T @ basis_in)
-            xs = hs.map(lambda h, q=basis_mid: (h.double() @ q).to(h.dtype))
-
-            # MLP half, same pattern
-            for linear in adapter.mlp_inputs(layer):
-                _rotate_input(linear, basis_mid)
-            _set_linear(sliced.mlp_shortcut, basis_mid)
-            ys = xs.map(lambda x, layer=sliced: layer.mlp_half(x.to(device)).cpu())
-            if i + 1 < n_layers:
-                basis, values = principal_basis(ys, device, damping)
-                info.eigenvalues[f"attn_{i + 1}"] = values.cpu().numpy()
-                basis_out = basis[:, :d_out].cpu()
-            else:
-                basis_out = torch.eye(d, dtype=torch.float64)
-            _rotate_output(adapter.mlp_output(layer), basis_out)
-            _set_linear(sliced.mlp_shortcut, basis_out.T @ basis_mid)
-            xs = ys.map(lambda y, q=basis_out: (y.double() @ q).to(y.dtype))
-            basis_in = basis_out
-        sliced.cpu()
-        adapter.set_layer(model, i, sliced)
-        del hs, ys
-
+        slice_layer(adapter, adapter.layers(model)[i], i, d_out, calib, layer_kwargs[i])
     with torch.no_grad():
-        _finish_ends(model, adapter, table, first_basis, final_scale, tied)
+        finish_ends(model, adapter, table, basis_0, final_scale, tied)
     model.slicing_info = info
     return info
-
-
-def _finish_ends(
-    model: nn.Module,
-    adapter: ModelAdapter,
-    table: nn.Embedding,
-    first_basis: torch.Tensor,
-    final_scale: torch.Tensor,
-    tied: bool,
-) -> None:
-    """Embeddings into the first basis; head reading the last layer's (identity-basis) output."""
-    if tied:
-        embedding = RotatedEmbedding(table, first_basis.shape[1]).to(table.weight.dtype)
-        _set_linear(embedding.proj, first_basis.T)
-        head = TiedHead(table)
-        head.scale.copy_(final_scale.to(head.scale.dtype))
-        adapter.set_embedding(model, embedding)
-        adapter.set_head(model, head)
-    else:
-        weight = table.weight.double() @ first_basis
-        embedding = nn.Embedding(weight.shape[0], weight.shape[1], dtype=table.weight.dtype)
-        embedding.weight = nn.Parameter(weight.to(table.weight.dtype), requires_grad=False)
-        adapter.set_embedding(model, embedding)  # the head was already folded and untied
 
 
 def untie_sliced(model: nn.Module) -> nn.Module:
@@ -488,7 +528,7 @@ def untie_sliced(model: nn.Module) -> nn.Module:
         new_embedding = nn.Embedding(table.shape[0], embedding.proj.out_features, dtype=dtype)
         new_embedding.weight = nn.Parameter((table @ embedding.proj.weight.double().T).to(dtype), requires_grad=False)
         new_head = nn.Linear(table.shape[1], table.shape[0], bias=False, dtype=dtype)
-        _set_linear(new_head, table * head.scale.double())
+        set_linear(new_head, table * head.scale.double())
     adapter.set_embedding(model, new_embedding.to(table.device))
     adapter.set_head(model, new_head)
     model.slicing_info.tied = False
@@ -524,26 +564,29 @@ def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool) -
     def resize(linear: nn.Linear, n_in: int | None = None, n_out: int | None = None) -> None:
         n_in, n_out = n_in or linear.in_features, n_out or linear.out_features
         bias = None if linear.bias is None else torch.zeros(n_out)
-        _set_linear(linear, torch.zeros(n_out, n_in), bias)
+        set_linear(linear, torch.zeros(n_out, n_in), bias)
 
-    for i, layer in enumerate(adapter.layers(model)):
+    for i, layer in enumerate(list(adapter.layers(model))):
         d_in, d_out = dims[i], dims[i + 1] if i + 1 < n_layers else d
         for linear in adapter.attention_inputs(layer) + adapter.mlp_inputs(layer):
             resize(linear, n_in=d_in)
-        resize(adapter.attention_output(layer), n_out=d_in)
-        resize(adapter.mlp_output(layer), n_out=d_out)
-        adapter.set_layer(
-            model, i, SlicedDecoderLayer(adapter.attention(layer), adapter.mlp(layer), d_in, d_out, d, eps)
-        )
+        sliced = adapter.sliced_layer(layer, d_in, d_out, d, eps)
+        attention_writer, mlp_writer = _writers(adapter, sliced)
+        resize(attention_writer, n_out=d_in)
+        resize(mlp_writer, n_out=d_out)
+        adapter.set_layer(model, i, sliced)
     table = adapter.embedding(model)
     vocab = table.num_embeddings
+    head_bias = adapter.norm_bias(adapter.final_norm(model)) is not None  # folded into the head (LayerNorm)
+    for positions in adapter.position_tables(model):
+        positions.weight = nn.Parameter(torch.zeros(positions.num_embeddings, dims[0]), requires_grad=False)
     adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
     if tied:
         adapter.set_embedding(model, RotatedEmbedding(table, dims[0]))
         adapter.set_head(model, TiedHead(adapter.embedding(model).table))
     else:
         adapter.set_embedding(model, nn.Embedding(vocab, dims[0]))
-        adapter.set_head(model, nn.Linear(d, vocab, bias=False))
+        adapter.set_head(model, nn.Linear(d, vocab, bias=head_bias))
     model.config.tie_word_embeddings = False
 
 
@@ -609,12 +652,35 @@ def load_sliced(
     return model, tokenizer
 
 
-def allocation_dims(lr: Sequence[float], sp: float, sb: float, hidden_size: int, fs_max: float = 0.95) -> list[int]:
-    """Per-layer kept dimensions for (SP, SB) from LR scores, via helpers.allocation (METHOD.md section 2)."""
+def allocation_dims(
+    lr: Sequence[float],
+    sp: float,
+    sb: float,
+    hidden_size: int,
+    fs_max: float | None = None,
+    multiple: int | None = None,
+) -> list[int]:
+    """Per-layer kept dimensions for (SP, SB) from LR scores: `allocation.allocate(...).kept_dim` as a list."""
     from helpers import allocation
 
-    result = allocation.allocate(np.asarray(lr, dtype=np.float64), sp, sb, hidden_size=hidden_size, fs_max=fs_max)
-    return [int(v) for v in allocation.kept_dims(np.asarray(result.fs), hidden_size)]
+    result = allocation.allocate(
+        np.asarray(lr, dtype=np.float64),
+        sp,
+        sb,
+        hidden_size=hidden_size,
+        fs_max=allocation.DEFAULT_FS_MAX if fs_max is None else fs_max,
+        multiple=allocation.DEFAULT_MULTIPLE if multiple is None else multiple,
+    )
+    return [int(v) for v in result.kept_dim]
+
+
+def best_dynamic(table: pd.DataFrame, score: str) -> pd.DataFrame:
+    """For each SP, the row with SB < SP and the lowest `score`: the one rule that picks "best dynamic".
+
+    SB = SP is constant slicing, never a dynamic result, even when it scores best.
+    """
+    dynamic = table[table["sb"] < table["sp"] - 1e-9]
+    return dynamic.loc[dynamic.groupby("sp")[score].idxmin()]
 
 
 def sb_values(sp: float, step: float = 0.02) -> list[float]:
@@ -639,9 +705,9 @@ def sb_sweep(
 ) -> pd.DataFrame:
     """Slice a copy of the dense `model` for every SB in `sb_values(sp, step)`; perplexity on `select_ids`.
 
-    Returns columns sb, mean_slice (realised), params, perplexity, best (the
-    lowest perplexity: the paper's selection rule) and, with `eval_ids`,
-    eval_perplexity. `select_ids` should come from a text other than the one
+    Returns columns sp, sb, mean_slice (realised), params, perplexity, best
+    (`best_dynamic`: the lowest perplexity among SB < SP, the paper's selection
+    rule) and, with `eval_ids`, eval_perplexity. `select_ids` should come from a text other than the one
     used for the final evaluation.
     """
     import copy
@@ -657,12 +723,13 @@ def sb_sweep(
         rotate_and_slice(sliced, calib_ids, dims, tied=tied, batch_size=batch_size, progress=False)
         ppl = perplexity_on_ids(sliced, select_ids, batch_size=batch_size, progress=False).perplexity
         params = ledger_totals(parameter_ledger(sliced))["total"]
-        rows.append({"sb": sb, "mean_slice": 1 - float(np.mean(dims)) / d, "params": params, "perplexity": ppl})
+        realised = 1 - float(np.mean(dims)) / d
+        rows.append({"sp": sp, "sb": sb, "mean_slice": realised, "params": params, "perplexity": ppl})
         if eval_ids is not None:
             rows[-1]["eval_perplexity"] = perplexity_on_ids(sliced, eval_ids, batch_size, progress=False).perplexity
         del sliced
     table = pd.DataFrame(rows)
-    table["best"] = table["perplexity"] == table["perplexity"].min()
+    table["best"] = table.index.isin(best_dynamic(table, "perplexity").index)
     return table
 
 

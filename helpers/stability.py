@@ -2,7 +2,7 @@
 
 weight_i = softmax over questions of the standard deviation of the dense
 model's option scores on question i; stability = sum of the weights of the
-questions where both models are right or both are wrong (METHOD.md section 4).
+questions where both models are right or both are wrong (docs/method.md section 4).
 A model compared with itself scores exactly 1.
 """
 

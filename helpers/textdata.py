@@ -4,9 +4,12 @@ Offline sources: the four Project Gutenberg novels of Debian's `r-cran-tidytext`
 (the same kind of text as PG-19) and any plain `.txt` file. Online sources:
 `wikitext2` and `pg19` through the `datasets` package.
 
-BOS convention: windows are cut from one tokenisation of the whole text with
-`add_special_tokens=False`, so no window carries a BOS or any other special
-token. Perplexity and LR here are therefore "no BOS" numbers.
+BOS convention (docs/method.md section 5): windows are cut from one
+tokenisation of the whole text with `add_special_tokens=False`. Whether each
+window starts with the BOS token is the model family's decision (its adapter's
+`prepend_bos`, which `helpers.models.load_model` records on the tokenizer):
+SmolLM2 windows carry no special token; Gemma 3 windows are BOS + seqlen - 1
+text tokens, because Gemma 3 without its BOS is a much worse model.
 """
 
 from __future__ import annotations
@@ -107,18 +110,30 @@ def load_text(source: str) -> str:
     raise ValueError(f"Unknown text {source!r}: use a path to a .txt file or one of {', '.join(text_sources())}.")
 
 
+def bos_id(tokenizer) -> int | None:
+    """The BOS id to put before every text, or None when the model family does not want one."""
+    if not getattr(tokenizer, "prepend_bos", False):
+        return None
+    if tokenizer.bos_token_id is None:
+        raise ValueError("This model's family wants a BOS token, but its tokenizer defines none.")
+    return int(tokenizer.bos_token_id)
+
+
 def token_windows(tokenizer, text: str, seqlen: int, n_windows: int | None = None) -> torch.Tensor:
     """Tokenise `text` once and cut it into non-overlapping windows of `seqlen` tokens.
 
     Returns a LongTensor (n_windows, seqlen); the tail that does not fill a
-    window is dropped. No special tokens are added (see the module docstring).
+    window is dropped. Where the tokenizer is marked `prepend_bos` (see the
+    module docstring), each window is the BOS followed by seqlen - 1 text tokens.
     """
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2, got {seqlen}.")
     if n_windows is not None and n_windows < 1:
         raise ValueError(f"n_windows must be positive, got {n_windows}.")
+    bos = bos_id(tokenizer)
+    width = seqlen - (bos is not None)  # text tokens per window
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    available = len(ids) // seqlen
+    available = len(ids) // width
     wanted = available if n_windows is None else n_windows
     if available == 0:
         raise TextTooShortError(
@@ -130,7 +145,10 @@ def token_windows(tokenizer, text: str, seqlen: int, n_windows: int | None = Non
             f"The text has {len(ids)} tokens: {available} window(s) of {seqlen} tokens, but {wanted} were "
             "asked for. Use a longer text, a shorter seqlen or fewer windows."
         )
-    return torch.tensor(ids[: wanted * seqlen], dtype=torch.long).view(wanted, seqlen)
+    windows = torch.tensor(ids[: wanted * width], dtype=torch.long).view(wanted, width)
+    if bos is not None:
+        windows = torch.cat([torch.full((wanted, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
 
 
 def load_windows(tokenizer, source: str, seqlen: int, n_windows: int | None = None) -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""Zero-shot multiple-choice scoring in the lm-evaluation-harness convention (METHOD.md section 5).
+"""Zero-shot multiple-choice scoring in the lm-evaluation-harness convention (docs/method.md section 5).
 
 An option's score is the sum of the log-probabilities of its continuation tokens given its context.
 acc takes the argmax of the sums; acc_norm the argmax of the sums divided by the option's length in
 characters (the harness's `len(choice)`). WinoGrande reports acc only.
 
-Tokenisation follows the harness: encode context + continuation as one string without special tokens (no BOS,
-as in `helpers.textdata`), encode the context alone, and take the tokens past the context's length as the
-continuation. Every (context, continuation) pair of a task is one row.
+Tokenisation follows the harness: encode context + continuation as one string without special tokens (a BOS
+is put first only where the model family wants one, as in `helpers.textdata`), encode the context alone, and
+take the tokens past the context's length as the continuation. Every (context, continuation) pair of a task is one row.
 
 Two scorers give the same sums (to float rounding). `score_rows_shared` (the default) groups rows by their
 context tokens: contexts of similar length are bucketed, run once through the backbone with a KV cache, the
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from helpers.adapters import get_adapter
 from helpers.tasks import Question, load_task
+from helpers.textdata import bos_id
 
 SCORERS = ("shared", "full")  # shared context + KV cache (default), or one whole forward per row
 
@@ -66,6 +67,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
     n_cont = len(whole) - n_context
+    bos = bos_id(tokenizer)
+    whole = whole if bos is None else [bos, *whole]
     if n_cont < 1:
         raise ValueError(f"Continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
     return whole, n_cont

@@ -66,6 +66,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from helpers import plots
+from helpers.adapters import get_adapter
 from helpers.depth import METHODS, cached_block_scores, chosen_layers, parameter_count
 from helpers.models import load_model
 from helpers.readings import read_depth_comparison
@@ -176,7 +177,7 @@ folder = save_pruned(
 )
 reloaded, _ = load_model(str(folder))
 prompt = tokenizer("It is a truth universally acknowledged", return_tensors="pt", add_special_tokens=False)
-for name, m in (("dense", model), (f"pruned ({len(reloaded.model.layers)} layers)", reloaded)):
+for name, m in (("dense", model), (f"pruned ({len(get_adapter(reloaded).layers(reloaded))} layers)", reloaded)):
     out = m.generate(**prompt, max_new_tokens=20, do_sample=False)
     print(f"{name}: {tokenizer.decode(out[0])!r}")
 

@@ -144,7 +144,7 @@ def test_dense_count_matches_real_model(family, tied):
     shape = ModelShape.from_config(model.config)
     real = sum(p.numel() for p in model.parameters())  # tied tables are counted once by parameters()
     assert dense_param_count(shape)["total"] == real
-    assert shape.qkv_bias == (family == "qwen2")
+    assert (shape.layer.attention_fixed > 0) == (family == "qwen2")  # q/k/v biases
 
 
 def test_sliced_count_at_full_width_and_parts():
@@ -228,3 +228,24 @@ def test_matched_sp_reaches_the_constant_count_within_a_tenth_of_a_percent():
     for impossible in (10, 10**12):
         with pytest.raises(ValueError, match=r"No .*SP"):
             matched_sp(lr, impossible, 0.1, shape)
+
+
+def test_allocation_dims_honours_multiple_and_matches_allocate():
+    from helpers.slicing import allocation_dims
+
+    lr = np.random.default_rng(3).uniform(0.7, 1.0, 12)
+    for multiple in (1, 8, 32):
+        dims = allocation_dims(lr, 0.3, 0.1, 576, multiple=multiple)
+        assert dims == allocate(lr, 0.3, 0.1, 576, multiple=multiple).kept_dim.tolist()
+        assert all(d % multiple == 0 for d in dims)
+    assert allocation_dims(lr, 0.3, 0.1, 576, multiple=1) != allocation_dims(lr, 0.3, 0.1, 576, multiple=32)
+
+
+def test_best_dynamic_never_picks_constant():
+    from helpers.slicing import best_dynamic
+
+    table = pd.DataFrame(
+        {"sp": [0.3, 0.3, 0.3, 0.2, 0.2], "sb": [0.3, 0.2, 0.0, 0.2, 0.1], "perplexity": [10.0, 12.0, 11.0, 5.0, 6.0]}
+    )
+    picked = best_dynamic(table, "perplexity")
+    assert picked[["sp", "sb"]].values.tolist() == [[0.2, 0.1], [0.3, 0.0]]  # SB = SP scores best but is constant

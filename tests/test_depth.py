@@ -108,7 +108,7 @@ def test_layer_replacement_is_causal():
     from helpers.replacement import _LayerRunner
 
     model = tiny_model("llama", num_hidden_layers=4)
-    runner = _LayerRunner(make_replacement(model, "layer", 1, 2), model.model)
+    runner = _LayerRunner(make_replacement(model, "layer", 1, 2), model)
     x = torch.randn(1, 10, 64)
     y = x.clone()
     y[:, 6:] = torch.randn(1, 4, 64)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from helpers.allocation import ModelShape, dense_param_count, savings_table
 from helpers.readings import outlier_layers, read_accuracy, read_difference, read_lr_profile, read_results_table
@@ -93,16 +94,17 @@ def test_selector_label_is_readable():
 
 
 def test_savings_table_caps_sb_at_sp_and_reports_what_is_removed():
-    shape = ModelShape(
+    config = LlamaConfig(
         vocab_size=100,
         hidden_size=64,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=4,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         head_dim=16,
         intermediate_size=128,
-        tied_embeddings=True,
+        tie_word_embeddings=True,
     )
+    shape = ModelShape.from_config(config)
     table = savings_table(np.array([0.2, 0.9, 0.95, 0.99]), [0.125, 0.25], 0.5, shape)
     # SB = 0.5 is capped at SP: constant slicing, 56 and 48 of 64 dimensions in every layer, exactly SP.
     assert table["SP"].tolist() == [0.125, 0.25] and table["realised mean slice"].tolist() == [0.125, 0.25]

@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from helpers.adapters import UnsupportedArchitectureError
 from helpers.ledger import ledger_totals, parameter_ledger
 from helpers.models import tiny_model
+from helpers.sliced_layers import PreNormSlicedLayer
 from helpers.slicing import (
-    SlicedDecoderLayer,
     constant_dims,
     load_sliced,
     make_rotation_invariant,
@@ -72,7 +72,7 @@ def test_dynamic_shapes_and_rectangular_shortcuts(family):
     layers = model.model.layers
     for i, layer in enumerate(layers):
         d_out = DYNAMIC[i + 1] if i + 1 < len(DYNAMIC) else 64
-        assert isinstance(layer, SlicedDecoderLayer)
+        assert isinstance(layer, PreNormSlicedLayer)
         assert layer.attn_shortcut.weight.shape == (DYNAMIC[i], DYNAMIC[i])
         assert layer.mlp_shortcut.weight.shape == (d_out, DYNAMIC[i])
         assert layer.self_attn.q_proj.weight.shape[1] == DYNAMIC[i]

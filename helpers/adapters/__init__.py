@@ -1,12 +1,16 @@
 """One thin adapter per model family: where the decoder layers, norms and projections live.
 
-Everything that depends on a family's module names goes through an adapter, so
-supporting a new family means adding one file to this package that calls
-`register`.
+Everything family-specific (module names, norms and their folding, the sliced
+layer, parameter formulas, the rotary module, the head name, the BOS decision)
+goes through an adapter. Every module of this package other than `base` is
+imported here, so supporting a new family means adding one file that calls
+`register` (plus its tests); nothing else changes.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from torch import nn
@@ -40,13 +44,19 @@ def get_adapter(model_or_config: nn.Module | Any) -> ModelAdapter:
         raise UnsupportedArchitectureError(
             f"Architecture {model_type!r} is not supported. Supported model types: "
             f"{', '.join(supported_model_types())}. Adding one means writing an adapter "
-            "in helpers/adapters/ (see llama.py)."
+            "in helpers/adapters/ (see llama.py, gemma3.py, opt.py)."
         )
     return _REGISTRY[model_type]
 
 
-# Importing the family modules registers them.
-from helpers.adapters import llama as _llama  # noqa: E402,F401
+def _import_families() -> None:
+    """Import every family module of this package; each registers its adapter."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_families()
 
 __all__ = [
     "ModelAdapter",

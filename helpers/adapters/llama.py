@@ -2,19 +2,22 @@
 
 These share the layout `model.model.{embed_tokens, layers, norm}` + `model.lm_head`,
 pre-norm RMSNorm blocks with `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`.
+Qwen2 differs only in its q/k/v biases.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from helpers.adapters import register
-from helpers.adapters.base import ModelAdapter
+from helpers.adapters.base import LayerShape, ModelAdapter
 
 
 class LlamaFamilyAdapter(ModelAdapter):
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral")
 
     def backbone(self, model: nn.Module) -> nn.Module:
         return model.model
@@ -40,33 +43,6 @@ class LlamaFamilyAdapter(ModelAdapter):
     def set_head(self, model: nn.Module, module: nn.Module) -> None:
         model.lm_head = module
 
-    def tied(self, model: nn.Module) -> bool:
-        head_weight = getattr(model.lm_head, "weight", None)
-        table_weight = getattr(model.model.embed_tokens, "weight", None)
-        return head_weight is not None and head_weight is table_weight
-
-    def norm_eps(self, model: nn.Module) -> float:
-        return float(model.config.rms_norm_eps)
-
-    def input_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    def post_attention_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.post_attention_layernorm
-
-    def set_norms(self, layer: nn.Module, input_norm: nn.Module, post_attention_norm: nn.Module) -> None:
-        layer.input_layernorm = input_norm
-        layer.post_attention_layernorm = post_attention_norm
-
-    def is_decoder_layer(self, layer: nn.Module) -> bool:
-        return hasattr(layer, "self_attn") and hasattr(layer, "mlp")
-
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
-    def mlp(self, layer: nn.Module) -> nn.Module:
-        return layer.mlp
-
     def attention_inputs(self, layer: nn.Module) -> list[nn.Linear]:
         attn = layer.self_attn
         return [attn.q_proj, attn.k_proj, attn.v_proj]
@@ -80,5 +56,42 @@ class LlamaFamilyAdapter(ModelAdapter):
     def mlp_output(self, layer: nn.Module) -> nn.Linear:
         return layer.mlp.down_proj
 
+    def layer_shape(self, config: Any) -> LayerShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        q, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+        inter = config.intermediate_size
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        return LayerShape(
+            attention_reads=q + 2 * kv,
+            attention_writes=q,
+            mlp_reads=2 * inter,
+            mlp_writes=inter,
+            attention_fixed=attention_bias * (q + 2 * kv),
+            mlp_fixed=mlp_bias * 2 * inter,
+            attention_writer_bias=attention_bias,
+            mlp_writer_bias=mlp_bias,
+        )
+
+
+class Qwen2Adapter(LlamaFamilyAdapter):
+    family = "qwen2"
+    model_types = ("qwen2",)
+
+    def layer_shape(self, config: Any) -> LayerShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        q, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+        inter = config.intermediate_size
+        return LayerShape(
+            attention_reads=q + 2 * kv,
+            attention_writes=q,
+            mlp_reads=2 * inter,
+            mlp_writes=inter,
+            attention_fixed=q + 2 * kv,  # q/k/v biases
+        )
+
 
 register(LlamaFamilyAdapter())
+register(Qwen2Adapter())
