@@ -239,10 +239,11 @@ def compare(settings: CompareSettings = CompareSettings(), progress: bool = True
     """Build and evaluate every variant; return the table and the raw cells (with the training history)."""
     from tqdm.auto import tqdm
 
-    from helpers.results import CellCache, code_fingerprint
+    from helpers.integrity import code_fingerprint
+    from helpers.results import CellCache
 
     cache = CellCache("depth_compare")
-    code = code_fingerprint(COMPARE_CODE)
+    code = code_fingerprint(*COMPARE_CODE)
     model, tokenizer, ctx = _context(settings, progress)
     speed_ids = ctx["calib_ids"][:2]
     cells = {}

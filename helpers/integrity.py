@@ -9,14 +9,18 @@ are verified against it on load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import inspect
 import json
 import logging
 import os
+import platform
 import shutil
 import struct
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -86,11 +90,33 @@ def tensor_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def code_fingerprint(*modules: ModuleType) -> str:
-    """Hash of the source of the modules that compute a cached value: edited code invalidates its cache."""
-    digest = hashlib.sha256()
+PACKAGES = ("torch", "transformers", "numpy", "pandas", "matplotlib")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages that shape the numbers."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+@functools.cache
+def _source_hash(module: ModuleType) -> str:
+    """Hash of a module's source as first read in this process (editing the file mid-run changes nothing)."""
+    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
+
+
+def code_fingerprint(*modules: ModuleType | str) -> str:
+    """Hash of the source of the modules (objects or dotted names) that compute a cached value, and of the
+    package versions: edited code, or a torch/transformers upgrade, computes fresh values instead of reusing old ones.
+    """
+    digest = hashlib.sha256(json.dumps(package_versions(), sort_keys=True).encode())
     for module in modules:
-        digest.update(inspect.getsource(module).encode())
+        digest.update(_source_hash(importlib.import_module(module) if isinstance(module, str) else module).encode())
     return digest.hexdigest()[:16]
 
 

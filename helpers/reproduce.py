@@ -31,8 +31,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from helpers.integrity import code_fingerprint
 from helpers.models import DEFAULT_MODEL
-from helpers.results import CellCache, Manifest, code_fingerprint
+from helpers.results import CellCache, Manifest
 from helpers.storage import DATA_DIR, FIGURES_DIR, cache_key, slug, write_csv_atomic, write_text_atomic
 
 TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande")
@@ -94,7 +95,7 @@ class Settings:
             "dtype",
             "seed",
         )
-        return {**{k: getattr(self, k) for k in keep}, "code": code_fingerprint(CELL_CODE), **coordinates}
+        return {**{k: getattr(self, k) for k in keep}, "code": code_fingerprint(*CELL_CODE), **coordinates}
 
     def task_limit(self, task: str) -> int | None:
         """Questions scored for `task`."""

@@ -10,50 +10,13 @@ model, data, parameters, seed, package versions and time that produced it.
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import hashlib
-import importlib
-import inspect
 import json
-import platform
-import types
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from helpers.integrity import discard
+from helpers.integrity import discard, package_versions
 from helpers.storage import CACHE_DIR, cache_key, write_json_atomic
-
-PACKAGES = ("torch", "transformers", "numpy", "pandas", "matplotlib")
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages that shape the numbers."""
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
-
-
-def code_fingerprint(modules: tuple[str, ...]) -> str:
-    """A short hash of the source of `modules` and of the package versions: part of every cell's key.
-
-    A changed function (or torch/transformers upgrade) then computes fresh cells instead of reusing old ones.
-    """
-    digest = hashlib.sha256(json.dumps(package_versions(), sort_keys=True).encode())
-    for name in modules:
-        digest.update(_source_hash(importlib.import_module(name)).encode())
-    return digest.hexdigest()[:16]
-
-
-@functools.cache
-def _source_hash(module: types.ModuleType) -> str:
-    """Hash of a module's source as first read in this process (editing the file mid-run changes nothing)."""
-    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
 
 
 class CellCache:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from helpers.results import CellCache, Manifest, code_fingerprint
+from helpers.integrity import code_fingerprint
+from helpers.results import CellCache, Manifest
 
 
 def test_cell_cache_computes_once_and_survives_an_interrupted_cell(tmp_path):
@@ -53,11 +54,11 @@ def test_cache_key_changes_when_the_computing_function_changes(tmp_path, monkeyp
     module.write_text("def compute():\n    return 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    first = code_fingerprint(("t11_cell_code",))
-    assert first == code_fingerprint(("t11_cell_code",))
+    first = code_fingerprint("t11_cell_code")
+    assert first == code_fingerprint("t11_cell_code")
     module.write_text("def compute():\n    return 2  # a changed function\n")
     sys.modules.pop("t11_cell_code")
-    second = code_fingerprint(("t11_cell_code",))
+    second = code_fingerprint("t11_cell_code")
     assert second != first
     cache = CellCache("cells", root=tmp_path)
     assert cache.path({"sp": 0.3, "code": first}) != cache.path({"sp": 0.3, "code": second})
