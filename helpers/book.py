@@ -118,7 +118,7 @@ def results_page(figures: Path, mode: str) -> str:
 def method_page(mode: str) -> str:
     """The method page: docs/method.md when it exists, else a pointer to where it will be."""
     if METHOD_PAGE.exists():
-        return METHOD_PAGE.read_text()
+        return METHOD_PAGE.read_text() + "\n" + mode_banner(mode) + "\n"
     return "\n".join(
         [
             "# Method",

@@ -107,21 +107,14 @@ def read_accuracy(
     return text + "." + near_chance
 
 
-def read_speed(dense_tokens_per_s: float, sliced_tokens_per_s: float, kept_parameters: float) -> str:
-    """Read a throughput ratio against the fraction of parameters kept (one timing each: no interval)."""
-    ratio = sliced_tokens_per_s / dense_tokens_per_s
-    text = (
-        f"The compressed model generates at {ratio:.2f}x the dense speed with {kept_parameters:.0%} of the parameters"
-    )
-    if ratio < 0.9:
-        return text + (
-            ": slower although smaller. Slicing adds shortcut matrices and turns large matrix products into "
-            "smaller, less efficient ones, and it leaves the vocabulary head whole; on a small model these costs "
-            "can outweigh the removed rows. One timing per model on a shared CPU: repeat before trusting it."
-        )
-    if ratio <= 1.1:
-        return text + ": about the same. A gap this small needs repeated, interleaved timings to be read."
-    return text + ". One timing per model: repeat it, interleaved with the dense model, before trusting it."
+def read_speed(ratio: float, low: float, high: float) -> str:
+    """Read a sliced/dense throughput ratio with its interquartile range over interleaved rounds."""
+    text = f"{ratio:.2f}x the dense speed (IQR {low:.2f}-{high:.2f})"
+    if low > 1:
+        return text + ": faster in most rounds."
+    if high < 1:
+        return text + ": slower in most rounds although smaller (shortcut matrices, smaller, less efficient products)."
+    return text + ": not separated from dense by these rounds."
 
 
 def read_results_table(
@@ -176,15 +169,13 @@ def read_results_table(
     return "\n".join(lines) if lines else "The table has no compressed rows to read."
 
 
-def read_speed_table(speed: pd.DataFrame, column: str = "tokens_per_s_b1") -> str:
-    """Read every compressed model's generation speed against the dense row of a speed table."""
-    dense = speed[speed["method"] == "dense"].iloc[0]
-    lines = [
-        f"- {row['method']} at SP = {row['sp']:.2f}, SB = {row['sb']:.2f}: "
-        + read_speed(dense[column], row[column], row["params"] / dense["params"])
-        for _, row in speed[speed["method"] != "dense"].iterrows()
-    ]
-    return "\n".join(lines)
+def read_speed_table(speed: pd.DataFrame) -> str:
+    """Read every sliced model's speed against dense, per dtype and workload (`helpers.speed.summarise` table)."""
+    rows = speed[speed["model"] != "dense"]
+    return "\n".join(
+        f"- {row.model}, {row.dtype}, {row.workload}: " + read_speed(row.ratio_to_dense, row.ratio_q1, row.ratio_q3)
+        for row in rows.itertuples()
+    )
 
 
 def read_depth_comparison(table: pd.DataFrame) -> str:
