@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,3 +29,24 @@ def book_windows(tok):
     from helpers.textdata import load_windows
 
     return load_windows(tok, "pride-and-prejudice", 128, 8)
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's build; never a browser that Playwright downloads
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def chromium_options() -> dict:
+    """Keyword arguments for Playwright's `chromium.launch`; skips the test where Debian's Chromium is absent."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run this test")
+    return {"executable_path": str(CHROMIUM), "args": CHROMIUM_ARGS}

@@ -11,17 +11,6 @@ import pytest
 from helpers.book import build, gallery_page, lesson_paths
 from helpers.storage import FIGURES_DIR, atomic_path
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 LESSONS = [path.stem for path in lesson_paths()]
 REFERENCE_PAGES = ["index", "method", "results", "gallery"]
 
@@ -66,12 +55,10 @@ def internal_targets(hrefs: list[str]) -> list[Path]:
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_book_in_chromium(book):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run this test")
+def test_book_in_chromium(book, chromium_options):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is needed to drive Chromium")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(**chromium_options)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             for name in LESSONS + REFERENCE_PAGES:

@@ -8,24 +8,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from helpers.storage import DATA_DIR, FIGURES_DIR, REPO_ROOT, atomic_path
 
-CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = REPO_ROOT / "notebooks" / "02_slice_allocation_sliders.ipynb"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -51,8 +39,6 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90) -> 
 
 @pytest.fixture(scope="module")
 def voila_url(tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run this test")
     pytest.importorskip("playwright.sync_api", reason="playwright (pip) is needed to drive Chromium")
     pytest.importorskip("voila", reason="voila (pip) is needed to serve the notebook")
     port = free_port()
@@ -88,11 +74,11 @@ def press(page, handle, key: str, times: int) -> None:
         page.keyboard.press(key)
 
 
-def test_sliders_redraw_the_figure_in_chromium(voila_url):
+def test_sliders_redraw_the_figure_in_chromium(voila_url, chromium_options):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(**chromium_options)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 1300})
             page.goto(voila_url, timeout=120_000)
