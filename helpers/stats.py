@@ -1,4 +1,4 @@
-"""How sure a number is (METHOD.md section 6): standard errors, bootstrap intervals, paired verdicts.
+"""How sure a number is (docs/method.md section 5): standard errors, bootstrap intervals, paired verdicts.
 
 Accuracy carries the harness's standard error sqrt(p(1 - p) / (n - 1)). Perplexity carries a 95%
 bootstrap interval over windows (tokens inside a window are correlated, so windows are the unit).
@@ -16,7 +16,7 @@ from math import comb
 
 import numpy as np
 
-RESAMPLES = 2000  # bootstrap draws (METHOD.md: at least 2,000)
+RESAMPLES = 2000  # bootstrap draws (docs/method.md section 5)
 SEED = 0  # one fixed seed, so every interval is reproducible
 LEVEL = 0.95
 
