@@ -23,42 +23,21 @@ import torch
 from torch import nn
 
 from helpers.adapters import register
-from helpers.adapters.base import LayerShape, ModelAdapter
+from helpers.adapters.base import LayerShape
+from helpers.adapters.llama import LlamaFamilyAdapter
 from helpers.sliced_layers import PostNormSlicedLayer
 
 
-class Gemma3Adapter(ModelAdapter):
+class Gemma3Adapter(LlamaFamilyAdapter):
+    """Llama's module layout and projections; Gemma's norms, embedding scale, post-norm blocks and rotary call."""
+
     family = "gemma3"
     model_types = ("gemma3_text",)
     prepend_bos = True
     sliced_layer_class = PostNormSlicedLayer
 
-    def backbone(self, model: nn.Module) -> nn.Module:
-        return model.model
-
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
-
-    def embedding(self, model: nn.Module) -> nn.Module:
-        return model.model.embed_tokens
-
-    def set_embedding(self, model: nn.Module, module: nn.Module) -> None:
-        model.model.embed_tokens = module
-
     def embedding_scale(self, model: nn.Module) -> float:
         return float(model.config.hidden_size) ** 0.5
-
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.model.norm
-
-    def set_final_norm(self, model: nn.Module, module: nn.Module) -> None:
-        model.model.norm = module
-
-    def head(self, model: nn.Module) -> nn.Module:
-        return model.lm_head
-
-    def set_head(self, model: nn.Module, module: nn.Module) -> None:
-        model.lm_head = module
 
     def norm_scale(self, norm: nn.Module) -> torch.Tensor:
         return 1.0 + norm.weight.detach().double()
@@ -68,19 +47,6 @@ class Gemma3Adapter(ModelAdapter):
 
     def output_norms(self, layer: nn.Module) -> list[nn.Module]:
         return [layer.post_attention_layernorm, layer.post_feedforward_layernorm]
-
-    def attention_inputs(self, layer: nn.Module) -> list[nn.Linear]:
-        attn = layer.self_attn
-        return [attn.q_proj, attn.k_proj, attn.v_proj]
-
-    def attention_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.o_proj
-
-    def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
-        return [layer.mlp.gate_proj, layer.mlp.up_proj]
-
-    def mlp_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.mlp.down_proj
 
     def position_embeddings(self, backbone: nn.Module, layer: nn.Module, x: torch.Tensor, positions: torch.Tensor):
         return backbone.rotary_emb(x, positions, layer.self_attn.layer_type)
