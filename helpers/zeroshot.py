@@ -8,17 +8,20 @@ Tokenisation follows the harness: encode context + continuation as one string wi
 is put first only where the model family wants one, as in `helpers.textdata`), encode the context alone, and
 take the tokens past the context's length as the continuation. Every (context, continuation) pair of a task is one row.
 
-Two scorers give the same sums (to float rounding). `score_rows_shared` (the default) groups rows by their
-context tokens: contexts of similar length are bucketed, run once through the backbone with a KV cache, the
-cache is repeated for each option, and the continuations are scored from it; the LM head runs only at the
-positions that predict a continuation token. `score_rows` is the harness's way, one right-padded forward
-over every whole row, kept as the reference. `evaluate(..., dtype=torch.bfloat16)` scores a bfloat16 copy
-(slicing and PCA stay in float32/float64). Contexts longer than the model's window are cut from the left.
+Two scorers give the same sums (to float rounding). `score_rows_shared` (the default) packs each question
+into one sequence: the token prefix its options share runs once, then every option's remainder follows under
+a block attention mask (each remainder sees the prefix and itself, with its own positions), so no token is
+computed twice; for WinoGrande, whose options differ inside the context, the shared part is the sentence up
+to the blank. Packs of similar length are batched, and the LM head runs only at the positions that predict a
+continuation token. `score_rows` is the harness's way, one right-padded forward over every whole row, kept as
+the reference. `evaluate(..., dtype=torch.bfloat16)` scores a bfloat16 copy (slicing and PCA stay in
+float32/float64). Contexts longer than the model's window are cut from the left.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,64 +116,103 @@ def _pad(seqs: list[list[int]], width: int, device) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def score_rows_shared(
-    model, rows: list[tuple[list[int], int]], batch_size: int = 8, desc: str = "scoring"
+    model,
+    rows: list[tuple[list[int], int]],
+    batch_size: int = 8,
+    desc: str = "scoring",
+    groups: list[list[int]] | None = None,
 ) -> np.ndarray:
-    """Like `score_rows`, but each distinct context runs once (KV cache) and the LM head only where scored."""
+    """Like `score_rows`, but the prefix a group's rows share runs once and the LM head only where scored.
+
+    `groups` lists row indices that share a prefix (a question's options); by default, rows with the same
+    context. Each group is packed into one sequence (shared prefix, then every row's remainder) under a
+    block mask, so each token is computed once; rows longer than a sliding-attention window or the model's
+    window fall back to `score_rows`.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for tokens, n_cont in rows:
+        if len(tokens) <= n_cont:
+            raise ValueError("Every row needs at least one context token before its continuation.")
+    if groups is None:
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, (tokens, n_cont) in enumerate(rows):
+            by_context.setdefault(tuple(tokens[:-n_cont]), []).append(i)
+        groups = list(by_context.values())
+    limit = min(_max_len(model), getattr(model.config, "sliding_window", None) or 10**9)
+    too_long = [i for g in groups if max(len(rows[i][0]) for i in g) > limit for i in g]
+    packs = [_pack([rows[i] for i in g], g) for g in groups if max(len(rows[i][0]) for i in g) <= limit]
+    packs.sort(key=lambda pack: len(pack.tokens), reverse=True)  # buckets of similar length
     adapter = get_adapter(model)
     backbone, head = adapter.backbone(model), adapter.head(model)
     device = next(model.parameters()).device
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (tokens, n_cont) in enumerate(rows):
-        if len(tokens) <= n_cont:
-            raise ValueError("Every row needs at least one context token before its continuation.")
-        groups.setdefault(tuple(tokens[:-n_cont]), []).append(i)
-    contexts = sorted(groups, key=len, reverse=True)  # buckets of similar length
     scores = np.zeros(len(rows))
-    for start in tqdm(range(0, len(contexts), batch_size), desc=desc, unit="batch", leave=False):
-        batch = contexts[start : start + batch_size]
-        members = [(b, i) for b, ctx in enumerate(batch) for i in groups[ctx]]
-        longest = max(rows[i][1] for _, i in members)
-        kept = [list(ctx[-(_max_len(model) - longest + 1) :]) for ctx in batch]
-        ids, mask = _pad(kept, max(map(len, kept)), device)
-        out = backbone(input_ids=ids, attention_mask=mask, use_cache=True)
-        lengths = mask.sum(1)
-        last = out.last_hidden_state[torch.arange(len(batch), device=device), lengths - 1]
-        first = head(last).float().log_softmax(-1)  # predicts each option's first token
-        for b, i in members:
-            scores[i] = first[b, rows[i][0][-rows[i][1]]].item()
-        members = sorted((m for m in members if rows[m[1]][1] > 1), key=lambda m: rows[m[1]][1])
-        for sub in range(0, len(members), batch_size):  # continuations bucketed by length too
-            _score_continuations(
-                backbone, head, out.past_key_values, mask, rows, members[sub : sub + batch_size], scores
-            )
+    for start in tqdm(range(0, len(packs), batch_size), desc=desc, unit="batch", leave=False):
+        _score_packs(backbone, head, packs[start : start + batch_size], rows, scores, device)
+    if too_long:
+        scores[too_long] = score_rows(model, [rows[i] for i in too_long], batch_size, desc)
     return scores
 
 
-def _score_continuations(backbone, head, context_cache, mask, rows, members, scores: np.ndarray) -> None:
-    """Add to `scores` the log-probabilities of continuation tokens 2.. of `members`, from their contexts' cache."""
-    device = mask.device
-    which = torch.tensor([b for b, _ in members], device=device)
-    cache = copy.deepcopy(context_cache)
-    cache.batch_select_indices(which)  # one copy of its context's cache per option
-    conts = [rows[i][0][-rows[i][1] :] for _, i in members]
-    cont_ids, cont_mask = _pad([c[:-1] for c in conts], max(map(len, conts)) - 1, device)
-    positions = mask.sum(1)[which][:, None] + torch.arange(cont_ids.shape[1], device=device)
+@dataclass
+class _Pack:
+    """One group of rows as a single sequence: the shared prefix, then each row's remainder (last token dropped)."""
+
+    tokens: list[int]
+    positions: list[int]
+    segment: list[int]  # -1 for the prefix, else the row's index within the group
+    scored: list[tuple[int, int, int]]  # (row index, packed position that predicts, target token)
+
+
+def _pack(group_rows: list[tuple[list[int], int]], indices: list[int]) -> _Pack:
+    """Pack rows that share a prefix (capped at the shortest context, so no continuation token is shared)."""
+    prefix = min(len(tokens) - n_cont for tokens, n_cont in group_rows)
+    first = group_rows[0][0]
+    for tokens, _ in group_rows[1:]:
+        prefix = next((k for k in range(prefix) if tokens[k] != first[k]), prefix)
+    pack = _Pack(list(first[:prefix]), list(range(prefix)), [-1] * prefix, [])
+    for r, (tokens, n_cont) in enumerate(group_rows):
+        offset = len(pack.tokens) - prefix  # packed index of this row's position `prefix`
+        rest = tokens[prefix:-1]
+        pack.tokens += rest
+        pack.positions += range(prefix, prefix + len(rest))
+        pack.segment += [r] * len(rest)
+        for j in range(len(tokens) - n_cont, len(tokens)):  # token j is predicted at row position j - 1
+            at = prefix - 1 if j - 1 < prefix else offset + j - 1
+            pack.scored.append((indices[r], at, tokens[j]))
+    return pack
+
+
+def _pack_mask(pack: _Pack, width: int) -> torch.Tensor:
+    """Who may attend to whom in a pack: the prefix causally, each row its prefix and itself causally."""
+    seg = torch.tensor(pack.segment)
+    n = len(seg)
+    same = (seg[:, None] == seg[None, :]) | (seg[None, :] == -1)
+    mask = torch.zeros(width, width, dtype=torch.bool)
+    mask[:n, :n] = same & torch.ones(n, n, dtype=torch.bool).tril()
+    mask[torch.arange(n, width), torch.arange(n, width)] = True  # padding sees itself only (no empty rows)
+    return mask
+
+
+def _score_packs(backbone, head, packs: list[_Pack], rows, scores: np.ndarray, device) -> None:
+    """One forward over a batch of packs; add each scored token's log-probability to its row's score."""
+    width = max(len(p.tokens) for p in packs)
+    ids = torch.zeros(len(packs), width, dtype=torch.long)
+    positions = torch.zeros(len(packs), width, dtype=torch.long)
+    for b, pack in enumerate(packs):
+        ids[b, : len(pack.tokens)] = torch.tensor(pack.tokens)
+        positions[b, : len(pack.tokens)] = torch.tensor(pack.positions)
+    mask = torch.stack([_pack_mask(p, width) for p in packs])[:, None]
     hidden = backbone(
-        input_ids=cont_ids,
-        attention_mask=torch.cat([mask[which], cont_mask], 1),
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
+        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
     ).last_hidden_state
-    logp = head(hidden[cont_mask.bool()]).float().log_softmax(-1)
-    targets = torch.tensor([t for c in conts for t in c[1:]], device=device)
-    picked = logp.gather(-1, targets[:, None])[:, 0].double().cpu()
-    at = 0
-    for (_, i), c in zip(members, conts, strict=True):
-        scores[i] += float(picked[at : at + len(c) - 1].sum())
-        at += len(c) - 1
+    where = [(b, at) for b, pack in enumerate(packs) for _, at, _ in pack.scored]
+    batch_idx, pos_idx = torch.tensor(where, device=device).T
+    logp = head(hidden[batch_idx, pos_idx]).float().log_softmax(-1)
+    targets = torch.tensor([t for pack in packs for _, _, t in pack.scored], device=device)
+    picked = logp.gather(-1, targets[:, None])[:, 0].double().cpu().numpy()
+    row_of = np.array([i for pack in packs for i, _, _ in pack.scored])
+    np.add.at(scores, row_of, picked)
 
 
 def score_questions(
@@ -180,7 +222,12 @@ def score_questions(
     if scorer not in SCORERS:
         raise ValueError(f"Unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}.")
     rows = [encode_pair(tokenizer, c, k) for q in questions for c, k in q.pairs()]
-    flat = (score_rows_shared if scorer == "shared" else score_rows)(model, rows, batch_size, desc)
+    if scorer == "shared":
+        starts = np.cumsum([0] + [len(q.options) for q in questions])
+        groups = [list(range(a, b)) for a, b in itertools.pairwise(starts)]
+        flat = score_rows_shared(model, rows, batch_size, desc, groups)
+    else:
+        flat = score_rows(model, rows, batch_size, desc)
     out, at = [], 0
     for q in questions:
         out.append(flat[at : at + len(q.options)])

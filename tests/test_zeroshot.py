@@ -140,20 +140,42 @@ def test_padded_batches_match_single_rows(family):
         np.testing.assert_allclose(score_rows(model, rows, batch_size), want, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+SHARED_FAMILIES = {
+    "llama": {},
+    "qwen2": {},
+    "opt": {"ffn_dim": 96, "word_embed_proj_dim": 64},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 24},  # rows past the window take the whole-row path
+}
+
+
+@pytest.mark.parametrize("family", list(SHARED_FAMILIES))
 def test_shared_context_scorer_matches_single_rows(family):
-    """Options share a context (cached once), contexts differ in length, some continuations are one token."""
-    model = tiny_model(family, seed=2)
+    """Options share a context or only a prefix of it; lengths differ; some continuations are one token."""
+    model = tiny_model(family, seed=2, **SHARED_FAMILIES[family])
     gen = torch.Generator().manual_seed(3)
-    rows = []
-    for _ in range(9):
-        context = torch.randint(0, 128, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen).tolist()
-        for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
-            cont = torch.randint(0, 128, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
-            rows.append((context + cont, len(cont)))
+
+    def randint(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, 128, (n,), generator=gen).tolist()
+
+    rows, groups = [], []
+    for q in range(12):
+        context, members = tokens(randint(1, 30)), []
+        for _ in range(randint(1, 5)):
+            if q % 3 == 2:  # WinoGrande-like: options differ inside the context, continuation shared
+                row = (context + tokens(randint(1, 4)) + [7, 8, 9], 3)
+            else:
+                cont = tokens(randint(1, 12))
+                row = (context + cont, len(cont))
+            members.append(len(rows))
+            rows.append(row)
+        groups.append(members)
     want = np.array([direct_row_score(model, t, n) for t, n in rows])
     for batch_size in (1, 3, 16):
-        np.testing.assert_allclose(score_rows_shared(model, rows, batch_size), want, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(score_rows_shared(model, rows, batch_size, groups=groups), want, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(score_rows_shared(model, rows, 4), want, rtol=0, atol=1e-4)  # grouped by context
     with pytest.raises(ValueError, match="context token"):
         score_rows_shared(model, [([5, 6], 2)])
 
