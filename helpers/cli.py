@@ -85,7 +85,7 @@ def _lr_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=positive_int, default=256)
     p.add_argument("--windows", type=positive_int, default=32)
     p.add_argument("--batch-size", type=positive_int, default=8)
-    _out_args(p, None, "CSV path (default figures/lr_MODEL.csv); the plot goes next to it")
+    _out_args(p, None, "CSV path (default data/runs/lr_MODEL.csv); the plot goes next to it")
 
 
 @command("lr", _lr_args)
@@ -93,10 +93,10 @@ def run_lr(args: argparse.Namespace) -> int:
     """Compute Layer Redundancy and write the CSV plus a plot of the curve next to it."""
     from helpers import plots
     from helpers.redundancy import cached_layer_redundancy
-    from helpers.storage import FIGURES_DIR, figure_stem, slug, write_csv_atomic
+    from helpers.storage import RUNS_DIR, figure_stem, slug, write_csv_atomic
 
     table = cached_layer_redundancy(args.model, args.text, args.seqlen, args.windows, args.batch_size)
-    out = args.out or FIGURES_DIR / f"lr_{slug(args.model)}.csv"
+    out = args.out or RUNS_DIR / f"lr_{slug(args.model)}.csv"
     write_csv_atomic(table, out)
     fig = plots.plot_lr_curve(table, title=f"Layer Redundancy: {args.model} on {args.text}")
     written = plots.save_figure(fig, figure_stem(out))
@@ -188,7 +188,7 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fs-max", type=fraction, default=0.95, help="largest slice any layer may get")
     p.add_argument("--multiple", type=positive_int, default=8, help="kept dimensions are multiples of this (1: none)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model whose config gives d and the parameter count")
-    _out_args(p, None, "CSV path (default figures/alloc_SP_SB.csv)")
+    _out_args(p, None, "CSV path (default data/runs/alloc_SP_SB.csv)")
     p.add_argument("--plot", nargs="?", const=True, default=None, help="also write Figure 1 (PNG+SVG); optional path")
 
 
@@ -197,14 +197,14 @@ def run_allocate(args: argparse.Namespace) -> int:
     """Per-layer slice fractions and kept dimensions from LR scores for a mean slice SP and base slice SB."""
     from helpers import plots
     from helpers.allocation import ModelShape, allocate, allocation_table, param_summary, read_lr_csv
-    from helpers.storage import FIGURES_DIR, figure_stem, write_csv_atomic
+    from helpers.storage import RUNS_DIR, figure_stem, write_csv_atomic
 
     shape = ModelShape.from_pretrained(args.model)
     lr = read_lr_csv(args.lr)
     if lr.size != shape.n_layers:
         raise ValueError(f"{args.lr} has {lr.size} layers but {args.model} has {shape.n_layers}; pass --model.")
     alloc = allocate(lr, args.sp, args.sb, shape.hidden_size, args.fs_max, args.multiple)
-    out = args.out or FIGURES_DIR / f"alloc_sp{args.sp:g}_sb{args.sb:g}.csv"
+    out = args.out or RUNS_DIR / f"alloc_sp{args.sp:g}_sb{args.sb:g}.csv"
     write_csv_atomic(allocation_table(alloc), out)
     counts = param_summary(shape, alloc.kept_dim)
     print(f"requested mean slice SP={args.sp:g} (SB={args.sb:g}); realised mean slice {alloc.realised_mean:.5f}")
@@ -229,7 +229,7 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="score the first N questions of each task")
     p.add_argument("--batch-size", type=positive_int, default=8, help="(context, option) rows per forward pass")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="scoring precision")
-    _out_args(p, None, "JSON path (default figures/zeroshot_MODEL.json)")
+    _out_args(p, None, "JSON path (default data/runs/zeroshot_MODEL.json)")
 
 
 @command("zeroshot", _zeroshot_args)
@@ -238,7 +238,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     import torch
 
     from helpers.models import load_model
-    from helpers.storage import FIGURES_DIR, slug, write_json_atomic
+    from helpers.storage import RUNS_DIR, slug, write_json_atomic
     from helpers.tasks import load_task
     from helpers.zeroshot import evaluate_task, in_dtype
 
@@ -250,7 +250,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     model = in_dtype(model, getattr(torch, args.dtype))
     summary = {task: evaluate_task(model, tokenizer, task, args.limit, args.batch_size).summary for task in tasks}
-    out = args.out or FIGURES_DIR / f"zeroshot_{slug(args.model)}.json"
+    out = args.out or RUNS_DIR / f"zeroshot_{slug(args.model)}.json"
     record = {"model": args.model, "limit": args.limit, "split": "validation", "dtype": args.dtype, "tasks": summary}
     write_json_atomic(out, record)
     print(f"{'task':<15}{'acc':>8}{'acc_norm':>10}{'n':>7}")

@@ -30,7 +30,7 @@ from helpers.adapters import get_adapter
 from helpers.depth import BlockScores, block_scores, parameter_count, remove_layers
 from helpers.models import DEFAULT_MODEL
 from helpers.stability import stability
-from helpers.storage import DATA_DIR, write_csv_atomic, write_text_atomic
+from helpers.storage import RUNS_DIR, write_csv_atomic, write_text_atomic
 
 VARIANTS = (
     "dense",
@@ -309,7 +309,7 @@ def comparison_table(cells: dict[str, dict], plan_: dict, reference: str = "dyna
     return pd.DataFrame(rows)
 
 
-def write_table(table: pd.DataFrame, stem: str | Path = DATA_DIR / "runs" / "depth_comparison") -> list[Path]:
+def write_table(table: pd.DataFrame, stem: str | Path = RUNS_DIR / "depth_comparison") -> list[Path]:
     """The table as CSV and as Markdown; under data/runs/ unless told (only `reproduce` writes into figures/)."""
     stem = Path(stem)
     csv = write_csv_atomic(table, stem.with_suffix(".csv"))

@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("HELPERS_DATA_DIR", REPO_ROOT / "data"))
 FIGURES_DIR = Path(os.environ.get("HELPERS_FIGURES_DIR", REPO_ROOT / "figures"))
 CACHE_DIR = DATA_DIR / "cache"
+RUNS_DIR = DATA_DIR / "runs"  # single commands write here by default; only `reproduce` writes into figures/
 
 
 MARKER = ".lab-output"  # names the kind of a folder this lab wrote, so only such a folder is ever replaced

@@ -26,7 +26,7 @@ from helpers.allocation import (
     read_lr_csv,
 )
 from helpers.plots import AllocationFigure
-from helpers.storage import CACHE_DIR, FIGURES_DIR
+from helpers.storage import CACHE_DIR, RUNS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class LRChoice:
 
 
 def model_of_lr_file(path: Path) -> str:
-    """Model name encoded in an LR file name: figures/lr_MODEL.csv or cache/lr/MODEL__TEXT__L..__N...csv."""
+    """Model name encoded in an LR file name: runs/lr_MODEL.csv or cache/lr/MODEL__TEXT__L..__N...csv."""
     stem = path.stem
     return stem.split("__")[0] if "__" in stem else stem.removeprefix("lr_")
 
@@ -56,9 +56,9 @@ def lr_file_label(path: Path) -> str:
     return f"{model_of_lr_file(path)}: LR from {path.parent.name}/{path.name}"
 
 
-def find_lr_files(figures: Path = FIGURES_DIR, cache: Path = CACHE_DIR / "lr") -> list[Path]:
-    """Cached LR tables: figures/lr_*.csv and data/cache/lr/*.csv."""
-    return sorted(Path(figures).glob("lr_*.csv")) + sorted(Path(cache).glob("*.csv"))
+def find_lr_files(runs: Path = RUNS_DIR, cache: Path = CACHE_DIR / "lr") -> list[Path]:
+    """LR tables: data/runs/lr_*.csv (written by `python -m helpers lr`) and the cache, data/cache/lr/*.csv."""
+    return sorted(Path(runs).glob("lr_*.csv")) + sorted(Path(cache).glob("*.csv"))
 
 
 def load_choices(paths: Iterable[Path]) -> dict[str, LRChoice]:
@@ -80,9 +80,7 @@ def load_choices(paths: Iterable[Path]) -> dict[str, LRChoice]:
         label = lr_file_label(path)
         choices[label] = LRChoice(label, model, lr, shapes[model])
     if not choices:
-        raise FileNotFoundError(
-            "No usable LR table found; compute one with: python -m helpers lr --out figures/lr_smollm2-135m.csv"
-        )
+        raise FileNotFoundError("No usable LR table found; compute one with: python -m helpers lr")
     return choices
 
 
