@@ -178,21 +178,42 @@ def read_speed_table(speed: pd.DataFrame) -> str:
     )
 
 
-def read_depth_comparison(table: pd.DataFrame) -> str:
-    """Read the depth-vs-slicing table (columns method, params, removed_pct, perplexity, avg_acc)."""
+def read_depth_comparison(table: pd.DataFrame, reference: str = "dynamic slicing") -> str:
+    """Read the depth-vs-slicing table: sizes, the best rows, and each row's paired verdict against `reference`.
+
+    The verdicts come from the table's `ppl_vs_ref` / `acc_vs_ref` columns ("diff (low, high) verdict", paired
+    95% intervals on the same windows and questions); a table without them is read without verdicts.
+    """
     rows = table[table["method"] != "dense"]
     best_ppl = rows.loc[rows["perplexity"].idxmin()]
     best_acc = rows.loc[rows["avg_acc"].idxmax()]
-    slicing = rows[rows["method"].str.contains("slicing") & ~rows["method"].str.contains("hybrid")]
     text = (
         f"At {rows['removed_pct'].min():.1f}% to {rows['removed_pct'].max():.1f}% of the parameters removed, "
         f"the lowest perplexity is {best_ppl['method']}'s ({best_ppl['perplexity']:.1f}) and the highest average "
         f"accuracy {best_acc['method']}'s ({best_acc['avg_acc']:.3f})."
     )
-    if len(slicing):
-        best_slice = slicing.loc[slicing["perplexity"].idxmin()]
-        text += (
-            f" The better slicing row, {best_slice['method']}, reaches perplexity {best_slice['perplexity']:.1f}"
-            f" ({best_slice['perplexity'] / best_ppl['perplexity']:.2f}x the best)."
+    if not {"ppl_vs_ref", "acc_vs_ref"} <= set(table.columns):
+        return text + " This table carries no paired intervals: differences of a few questions are not findings."
+    others = rows[rows["method"] != reference]
+    lines = [text, f"Against {reference}, on the same windows and questions (paired 95% intervals):"]
+    for _, row in others.iterrows():
+        lines.append(
+            f"- {row['method']}: perplexity {_verdict_phrase(row['ppl_vs_ref'], 'lower', 'higher')}; "
+            f"average accuracy {_verdict_phrase(row['acc_vs_ref'], 'higher', 'lower')}."
         )
-    return text + " One run per method and no intervals: differences of a few questions are not findings."
+    resolved = [v.split(")")[-1].strip() for v in others["ppl_vs_ref"]]
+    lines.append(
+        f"On perplexity, {resolved.count('better')} of {len(resolved)} rows are resolved better than {reference}, "
+        f"{resolved.count('worse')} worse and {resolved.count('not resolved')} not resolved."
+    )
+    return "\n".join(lines)
+
+
+def _verdict_phrase(cell: str, good: str, bad: str) -> str:
+    """'+1.2 (-0.3, +2.8) not resolved' -> 'not resolved (difference +1.2, interval -0.3 to +2.8)'."""
+    number, rest = cell.split(" (", 1)
+    interval, verdict = rest.split(")", 1)
+    low, high = (v.strip() for v in interval.split(","))
+    verdict = verdict.strip()
+    word = {"better": f"resolved {good}", "worse": f"resolved {bad}"}.get(verdict, verdict)
+    return f"{word} (difference {number}, interval {low} to {high})"

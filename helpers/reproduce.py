@@ -334,6 +334,32 @@ def comparisons_table(cells: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFra
     return table
 
 
+def reading_intervals(cells: pd.DataFrame, tasks: tuple[str, ...]) -> dict:
+    """The paired 95% intervals `readings.read_results_table` reads: dynamic - constant per SP (average accuracy
+    and perplexity), and every compressed row's accuracy - the dense model's per task."""
+    from helpers import stats
+
+    comparisons = comparisons_table(cells, tasks).set_index(["sp", "metric"])
+    pick = {sp: comparisons.loc[sp] for sp in comparisons.index.get_level_values("sp").unique()}
+    dense = cells[cells["method"] == "dense"].iloc[0]["raw"]["tasks"]
+    rows = pd.concat([best_dynamic(cells), cells[cells["method"] == "constant"]])
+    return {
+        "accuracy_intervals": {sp: tuple(t.loc["average", ["low", "high"]]) for sp, t in pick.items()},
+        "perplexity_intervals": {sp: tuple(t.loc["perplexity", ["low", "high"]]) for sp, t in pick.items()},
+        "task_intervals": {
+            (row.method, row.sp, task): _interval(
+                stats.paired_accuracy(row.raw["tasks"][task]["correct"], dense[task]["correct"])
+            )
+            for row in rows.itertuples()
+            for task in tasks
+        },
+    }
+
+
+def _interval(comparison) -> tuple[float, float]:
+    return comparison.low, comparison.high
+
+
 def comparison_statements(table: pd.DataFrame, model: str = MODEL_NAME) -> str:
     """README sentences on dynamic vs constant slicing, generated from the paired intervals."""
     lines = []

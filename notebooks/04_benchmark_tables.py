@@ -77,7 +77,7 @@ from IPython.display import Markdown, display
 
 from helpers import plots
 from helpers.readings import read_results_table, read_speed_table
-from helpers.reproduce import SIZES, Lab, best_dynamic, comparisons_table, results_table, sweep
+from helpers.reproduce import SIZES, Lab, best_dynamic, comparisons_table, reading_intervals, results_table, sweep
 from helpers.storage import FIGURES_DIR
 
 overrides = {k: v for k, v in {"sps": SPS, "tasks": TASKS, "limit": LIMIT}.items() if v is not None}
@@ -113,11 +113,13 @@ table = results_table(cells, settings.tasks)
 )
 
 # %% [markdown]
-# The reading of this table, generated from its numbers (`helpers.readings`). Each question is worth
-# 1/limit of a task's accuracy; without intervals, a gap of one or two questions says nothing.
+# The reading of this table, generated from its numbers (`helpers.readings`) and their paired 95%
+# intervals (dynamic against constant on the same questions and windows; a compressed row against the
+# dense model on the same questions). Each question is worth 1/limit of a task's accuracy, so a gap of
+# one or two questions is "not resolved" unless the interval says otherwise.
 
 # %%
-display(Markdown(read_results_table(table, tasks, settings.limit)))
+display(Markdown(read_results_table(table, tasks, settings.limit, **reading_intervals(cells, settings.tasks))))
 
 # %% [markdown]
 # ## Figure 1: how LR becomes a slice per layer

@@ -11,7 +11,14 @@ import torch
 from transformers import LlamaConfig
 
 from helpers.allocation import ModelShape, dense_param_count, savings_table
-from helpers.readings import outlier_layers, read_accuracy, read_difference, read_lr_profile, read_results_table
+from helpers.readings import (
+    outlier_layers,
+    read_accuracy,
+    read_depth_comparison,
+    read_difference,
+    read_lr_profile,
+    read_results_table,
+)
 from helpers.slicing import constant_vs_dynamic
 from helpers.textdata import split_windows
 from helpers.widgets import lr_file_label
@@ -111,3 +118,34 @@ def test_savings_table_caps_sb_at_sp_and_reports_what_is_removed():
     dense = dense_param_count(shape)["total"]
     removed = [f"{1 - n / dense:.1%}" for n in table["parameters"]]
     assert table["removed (all)"].tolist() == removed and table["parameters"].iloc[1] < table["parameters"].iloc[0]
+
+
+def test_depth_comparison_reading_quotes_each_paired_verdict():
+    table = pd.DataFrame(
+        {
+            "method": ["dense", "dynamic slicing", "ShortGPT", "LLM-Streamline"],
+            "removed_pct": [0.0, 15.9, 15.8, 15.8],
+            "perplexity": [40.0, 79.4, 78.6, 67.6],
+            "avg_acc": [0.50, 0.42, 0.46, 0.45],
+            "ppl_vs_ref": [
+                "-39.4 (-45.0, -33.1) better",
+                "+0.0 (+0.0, +0.0) not resolved",
+                "-0.8 (-5.1, +3.2) not resolved",
+                "-11.8 (-15.2, -8.0) better",
+            ],
+            "acc_vs_ref": [
+                "+0.080 (+0.050, +0.110) better",
+                "+0.000 (+0.000, +0.000) not resolved",
+                "+0.040 (-0.010, +0.090) not resolved",
+                "+0.035 (+0.001, +0.070) better",
+            ],
+        }
+    )
+    text = read_depth_comparison(table)
+    assert "- ShortGPT: perplexity not resolved (difference -0.8, interval -5.1 to +3.2)" in text
+    assert "- LLM-Streamline: perplexity resolved lower (difference -11.8, interval -15.2 to -8.0)" in text
+    assert "average accuracy resolved higher (difference +0.035" in text
+    assert "1 of 2 rows are resolved better than dynamic slicing, 0 worse and 1 not resolved" in text
+    assert "- dynamic slicing:" not in text and "- dense:" not in text
+    bare = read_depth_comparison(table.drop(columns=["ppl_vs_ref", "acc_vs_ref"]))
+    assert "no paired intervals" in bare and "LLM-Streamline's (67.6)" in bare

@@ -78,6 +78,12 @@ def test_comparisons_give_paired_verdicts_and_generated_statements():
     settings = reproduce.Settings(tasks=tasks, eval_texts=("great-expectations",))
     summary = reproduce.results_summary(results_table(cells, tasks), table.reset_index(), settings)
     assert "| constant | 0.30 | 0.30 |" in summary and "+/-" in summary and text in summary
+    intervals = reproduce.reading_intervals(cells, tasks)
+    assert intervals["accuracy_intervals"][0.3] == tuple(table.loc["average", ["low", "high"]])
+    assert intervals["perplexity_intervals"][0.3] == (0.0, 0.0)  # same windows, same NLL: no spread
+    same = intervals["task_intervals"][("dynamic", 0.3, "piqa")]  # dynamic answers exactly as dense does
+    low, high = intervals["task_intervals"][("constant", 0.3, "piqa")]  # 40 of 200 lost: -0.2
+    assert same == (0.0, 0.0) and low < -0.2 < high < 0
 
 
 @pytest.mark.slow
