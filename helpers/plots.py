@@ -440,3 +440,20 @@ def plot_spectra(eigenvalues: dict[str, np.ndarray], dims: list[int], kind: str 
     ax.set_ylabel("fraction of variance")
     ax.set_title(f"PCA spectrum at each layer's {'attention' if kind == 'attn' else 'MLP'} input (dot: kept)")
     return ax.figure
+
+
+def plot_rule_scores(scores: pd.DataFrame, title: str = "", ax: plt.Axes | None = None) -> plt.Figure:
+    """Every rule's per-layer score over depth, each min-max scaled to [0, 1] (1 = most redundant)."""
+    use_style()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 4))
+    for column in scores.columns:
+        values = scores[column].to_numpy(dtype=float)
+        spread = values.max() - values.min()
+        scaled = (values - values.min()) / spread if spread > 0 else np.zeros_like(values)
+        ax.plot(np.arange(values.size), scaled, marker="o", ms=3, lw=1.2, label=column)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("score, min-max scaled (1 = most redundant)")
+    ax.set_title(title or "Per-layer scores of the allocation rules")
+    ax.legend(ncol=3, fontsize=8)
+    return ax.figure
