@@ -249,7 +249,9 @@ def read_sb_selection(summary: pd.DataFrame) -> str:
     ]
     tied = summary["finds_best_acc"].nunique() == 1 and summary["finds_best_ppl"].nunique() == 1
     verdict = (
-        "The rules do equally well here: which rule to use is not resolved by these data."
+        "Only one candidate SB per SP: every rule picks it, and nothing is compared."
+        if summary["candidates"].max() < 2
+        else "The rules do equally well here: which rule to use is not resolved by these data."
         if tied
         else f"Most often right: {best_ppl['rule']} for perplexity, {best_acc['rule']} for accuracy."
     )

@@ -28,9 +28,8 @@ SCORE_COLUMNS = ("lr", "block_influence", "angular", "spectral", "gradient", "me
 
 
 def _params(settings: Settings, **coordinates) -> dict:
-    """Cache key of a rules entry: the sweep settings plus this module's and the rules' code."""
-    code = code_fingerprint(sys.modules[__name__], rules, sensitivity)
-    return settings.cell_params(rules_code=code, **coordinates)
+    """Cache key of scores and spectra: the sweep settings plus the code of `helpers.sensitivity`."""
+    return settings.cell_params(scores_code=code_fingerprint(sensitivity), **coordinates)
 
 
 def spectra(lab: Lab, cache: CellCache) -> dict[str, np.ndarray]:
@@ -43,29 +42,16 @@ def spectra(lab: Lab, cache: CellCache) -> dict[str, np.ndarray]:
 
 
 def layer_scores(lab: Lab, sp: float, cache: CellCache) -> pd.DataFrame:
-    """Per layer, every rule's score at `sp`, oriented higher = more redundant (cached per SP)."""
-    from helpers.depth import cached_block_scores
-
-    s = lab.settings
-    shape = ModelShape.from_config(lab.model.config)
-    keep = int(rules.constant_dims(shape, sp)[0])
+    """Per layer, every rule's score at `sp` (`sensitivity.layer_scores`), cached per SP."""
+    keep = int(rules.constant_dims(ModelShape.from_config(lab.model.config), sp)[0])
 
     def compute() -> dict:
-        blocks = cached_block_scores(
-            s.model, s.calib_text, s.seqlen, s.calib_windows, progress=False, model=lab.model, tokenizer=lab.tokenizer
+        table = sensitivity.layer_scores(
+            lab.model, lab.calib, lab.select, keep, spectra(lab, cache), lab.settings.seed, lab.lr["lr"].to_numpy()
         )
-        bases = sensitivity.input_bases(lab.model, lab.calib)
-        columns = {
-            "lr": lab.lr["lr"].to_numpy(),
-            "block_influence": -blocks.bi(),
-            "angular": 1 - np.diag(blocks.ang_last, k=1),
-            "spectral": sensitivity.spectral_scores(spectra(lab, cache), keep, shape.n_layers),
-            "gradient": -sensitivity.gradient_sensitivity(lab.model, lab.calib, keep, bases, s.seed),
-            "measured": -sensitivity.measured_sensitivity(lab.model, lab.select, keep, bases, s.seed),
-        }
-        return {k: [float(x) for x in v] for k, v in columns.items()}
+        return {k: [float(x) for x in v] for k, v in table.items()}
 
-    return pd.DataFrame(cache.get_or_compute(_params(s, kind="scores", sp=sp), compute))
+    return pd.DataFrame(cache.get_or_compute(_params(lab.settings, kind="scores", sp=sp), compute))
 
 
 def rule_cell(lab: Lab, dims: np.ndarray, sp: float, cache: CellCache) -> dict:
@@ -81,7 +67,7 @@ def rule_cell(lab: Lab, dims: np.ndarray, sp: float, cache: CellCache) -> dict:
         rotate_and_slice(model, lab.calib, [int(d) for d in dims], progress=False)
         return lab.measure(model)
 
-    return cache.get_or_compute(_params(lab.settings, kind="dims", dims=[int(d) for d in dims]), compute)
+    return cache.get_or_compute(lab.settings.cell_params(kind="dims", dims=[int(d) for d in dims]), compute)
 
 
 def rules_cells(lab: Lab, sps: tuple[float, ...], cache: CellCache | None = None) -> tuple[pd.DataFrame, dict]:
@@ -137,10 +123,30 @@ def rules_table(cells: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
                 "average_se": se,
                 "energy": row["energy"],
             }
-            out.update(_verdicts(row, by_rule.loc["constant"], tasks, "constant"))
-            out.update(_verdicts(row, by_rule.loc["lr"], tasks, "lr"))
+            for name in ("constant", "lr"):
+                out.update(_verdicts(row, by_rule.loc[name], tasks, name))
+                if row["dims"] == by_rule.loc[name, "dims"]:  # the same model: nothing to compare
+                    out[f"ppl_verdict_vs_{name}"] = out[f"acc_verdict_vs_{name}"] = "same allocation"
             rows.append(out)
     return pd.DataFrame(rows)
+
+
+def readme_table(table: pd.DataFrame) -> str:
+    """The README's compact rules table: perplexity with its interval, accuracy +/- SE, the four verdicts."""
+    lines = [
+        f"{MODEL_NAME}; paired 95% bootstrap verdicts (perplexity: lower is better).",
+        "",
+        "| rule | SP | parameters | perplexity (95% interval) | average accuracy | ppl vs constant | ppl vs LR "
+        "| accuracy vs constant | accuracy vs LR |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table.itertuples():
+        lines.append(
+            f"| {r.rule} | {r.sp:.2f} | {r.params:,} | {r.perplexity:.1f} ({r.ppl_low:.1f}-{r.ppl_high:.1f}) | "
+            f"{r.average:.3f} +/- {r.average_se:.3f} | {r.ppl_verdict_vs_constant} | {r.ppl_verdict_vs_lr} | "
+            f"{r.acc_verdict_vs_constant} | {r.acc_verdict_vs_lr} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def correlations(scores: dict[float, pd.DataFrame]) -> pd.DataFrame:
@@ -165,7 +171,7 @@ def write_rules(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest: Manife
     from helpers.readings import read_rules_table, read_sb_selection
 
     s = lab.settings
-    params = {**_params(s), "sps": list(s.rules_sps)}
+    params = {**_params(s), "rules_code": code_fingerprint(rules, sys.modules[__name__]), "sps": list(s.rules_sps)}
     cells, scores = rules_cells(lab, s.rules_sps)
     tables = {
         "rules": rules_table(cells, s.tasks),
@@ -177,8 +183,10 @@ def write_rules(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest: Manife
     write_table(tables["sb_selection"], out / "sb_selection", manifest, "sb_selection", **params)
     fig = plots.plot_rule_scores(scores[s.rules_sps[0]], f"{MODEL_NAME}: per-layer scores (SP {s.rules_sps[0]})")
     manifest.record(plots.save_figure(fig, out / "allocation_rules_scores"), "rule_scores", **params)
-    text = read_rules_table(tables["rules"]) + "\n\n" + read_sb_selection(tables["sb_selection"]) + "\n"
-    manifest.record(write_text_atomic(out / "allocation_rules_summary.md", text), "rules_summary", **params)
+    text = "\n\n".join(
+        [readme_table(tables["rules"]), read_rules_table(tables["rules"]), read_sb_selection(tables["sb_selection"])]
+    )
+    manifest.record(write_text_atomic(out / "allocation_rules_summary.md", text + "\n"), "rules_summary", **params)
     return tables
 
 

@@ -71,6 +71,7 @@ def selection_trials(cells: pd.DataFrame, tasks: tuple[str, ...], n_books: int, 
                             "book": book,
                             "split": split,
                             "rule": rule,
+                            "candidates": len(group),
                             "sb": group["sb"].iloc[pick],
                             "oracle_sb_ppl": group["sb"].iloc[best_ppl],
                             "oracle_sb_acc": group["sb"].iloc[best_acc],
@@ -90,6 +91,7 @@ def selection_summary(trials: pd.DataFrame, costs: dict[str, str]) -> pd.DataFra
             {
                 "rule": rule,
                 "trials": len(t),
+                "candidates": int(t["candidates"].min()) if len(t) else 0,  # SBs < SP to choose from, fewest over SPs
                 "finds_best_ppl": float(np.mean(np.isclose(t["sb"], t["oracle_sb_ppl"]))),
                 "finds_best_acc": float(np.mean(np.isclose(t["sb"], t["oracle_sb_acc"]))),
                 "mean_ppl_regret": float(t["ppl_regret"].mean()),

@@ -57,16 +57,13 @@ SP = 0.3
 MEASURE_RULES = not FAST  # slice one model per rule (about a minute each on a laptop CPU)
 
 # %%
-import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
 from helpers import plots, rules, sensitivity
 from helpers.allocation import ModelShape
-from helpers.depth import block_scores
 from helpers.models import load_model
 from helpers.readings import read_rules_table, read_sb_selection, read_score_agreement
-from helpers.redundancy import layer_redundancy
 from helpers.storage import FIGURES_DIR
 from helpers.textdata import load_windows
 
@@ -107,19 +104,8 @@ print(f"budget at SP {SP}: {target:,} parameters; one rounding step: {step:,}")
 
 # %%
 keep = int(rules.constant_dims(shape, SP)[0])
-blocks = block_scores(model, calib, progress=False)
-bases = sensitivity.input_bases(model, calib)
 spectra = sensitivity.full_spectra(model, calib)
-scores = pd.DataFrame(
-    {
-        "lr": layer_redundancy(model, calib, progress=False)["lr"].to_numpy(),
-        "block_influence": -blocks.bi(),
-        "angular": 1 - np.diag(blocks.ang_last, k=1),
-        "spectral": sensitivity.spectral_scores(spectra, keep, shape.n_layers),
-        "gradient": -sensitivity.gradient_sensitivity(model, calib, keep, bases),
-        "measured": -sensitivity.measured_sensitivity(model, held_out, keep, bases),
-    }
-)
+scores = sensitivity.layer_scores(model, calib, held_out, keep, spectra)
 plots.plot_rule_scores(scores, f"{MODEL}: per-layer scores at SP {SP}")
 correlations = rules.rank_correlations(scores)
 display(Markdown(correlations.to_markdown(index=False, floatfmt=".2f")))
