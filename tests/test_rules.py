@@ -152,3 +152,32 @@ def test_sb_selection_rules_on_a_known_answer():
     assert by_rule.loc["select_book", "finds_best_ppl"] == 0 and by_rule.loc["select_book", "finds_best_acc"] == 0
     assert by_rule.loc["select_book", "mean_ppl_regret"] == pytest.approx(10.0)
     assert by_rule.loc["question_half", "finds_best_acc"] == 1 and by_rule.loc["books_agree", "finds_best_ppl"] == 1
+
+
+def _rule_row(rule: str, dims: str, ppl: float, correct: list[int]) -> dict:
+    windows = [np.log(ppl) * 10 + 0.01 * k for k in range(8)]  # 8 windows of 10 tokens, all at about `ppl`
+    task = {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct)), "n": len(correct), "correct": correct}
+    return {"rule": rule, "sp": 0.3, "dims": dims, "params": 100, "energy": 1.0, "ppl_select": ppl, "ppl_eval": ppl,
+            "eval_window_nll": windows, "eval_window_tokens": [10] * 8, "tasks": {"piqa": task}}  # fmt: skip
+
+
+def test_rules_table_verdicts_come_from_the_paired_intervals():
+    from helpers.readings import read_rules_table
+    from helpers.reproduce import flatten
+    from helpers.rules_report import readme_table, rules_table
+
+    rows = [
+        _rule_row("constant", "8 8", 20.0, [0, 1] * 10),
+        _rule_row("lr", "16 0", 10.0, [0, 1] * 10),  # lower perplexity on every window
+        _rule_row("spare_ends", "16 0", 10.0, [0, 1] * 10),  # allocates exactly like lr
+        _rule_row("spectral", "0 16", 40.0, [0, 1] * 10),  # higher on every window
+    ]
+    table = rules_table(flatten(rows, ("piqa",)), ("piqa",)).set_index("rule")
+    assert table.loc["lr", "ppl_verdict_vs_constant"] == "better"
+    assert table.loc["lr", "ppl_diff_vs_constant"] == pytest.approx(-10.0, rel=1e-2)
+    assert table.loc["spectral", "ppl_verdict_vs_constant"] == table.loc["spectral", "ppl_verdict_vs_lr"] == "worse"
+    assert table.loc["spare_ends", "ppl_verdict_vs_lr"] == "same allocation"
+    assert table.loc["lr", "acc_verdict_vs_constant"] == "not resolved"  # the same answers: a zero-width interval at 0
+    text = read_rules_table(table.reset_index())
+    assert "better for lr, spare_ends" in text and "LR's shape matters" not in text
+    assert readme_table(table.reset_index()).count("\n| ") == 5  # header rule line plus four rules
