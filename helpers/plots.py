@@ -447,13 +447,13 @@ def plot_rule_scores(scores: pd.DataFrame, title: str = "", ax: plt.Axes | None 
     use_style()
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 4))
-    for column in scores.columns:
+    for k, column in enumerate(scores.columns):  # dashed every other line: equal scores stay visible
         values = scores[column].to_numpy(dtype=float)
         spread = values.max() - values.min()
         scaled = (values - values.min()) / spread if spread > 0 else np.zeros_like(values)
-        ax.plot(np.arange(values.size), scaled, marker="o", ms=3, lw=1.2, label=column)
+        ax.plot(np.arange(values.size), scaled, marker="o", ms=3, lw=1.2, ls="-" if k % 2 == 0 else "--", label=column)
     ax.set_xlabel("layer")
-    ax.set_ylabel("score, min-max scaled (1 = most redundant)")
-    ax.set_title(title or "Per-layer scores of the allocation rules")
-    ax.legend(ncol=3, fontsize=8)
+    ax.set_ylabel("min-max scaled score\n(1 = most redundant)")
+    ax.set_title(title or "Per-layer scores of the allocation rules", fontsize=10)
+    ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     return ax.figure

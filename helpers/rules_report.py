@@ -181,7 +181,7 @@ def write_rules(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest: Manife
     write_table(tables["rules"], out / "allocation_rules", manifest, "allocation_rules", **params)
     write_table(tables["correlations"], out / "rule_correlations", manifest, "rule_correlations", **params)
     write_table(tables["sb_selection"], out / "sb_selection", manifest, "sb_selection", **params)
-    fig = plots.plot_rule_scores(scores[s.rules_sps[0]], f"{MODEL_NAME}: per-layer scores (SP {s.rules_sps[0]})")
+    fig = plots.plot_rule_scores(scores[s.rules_sps[0]], f"{MODEL_NAME}\nper-layer scores at SP {s.rules_sps[0]}")
     manifest.record(plots.save_figure(fig, out / "allocation_rules_scores"), "rule_scores", **params)
     text = "\n\n".join(
         [readme_table(tables["rules"]), read_rules_table(tables["rules"]), read_sb_selection(tables["sb_selection"])]
