@@ -51,7 +51,8 @@ def layer_scores(lab: Lab, sp: float, cache: CellCache) -> pd.DataFrame:
         )
         return {k: [float(x) for x in v] for k, v in table.items()}
 
-    return pd.DataFrame(cache.get_or_compute(_params(lab.settings, kind="scores", sp=sp), compute))
+    cached = cache.get_or_compute(_params(lab.settings, kind="scores", sp=sp), compute)
+    return pd.DataFrame(cached)[list(SCORE_COLUMNS)]  # the cache stores keys sorted
 
 
 def rule_cell(lab: Lab, dims: np.ndarray, sp: float, cache: CellCache) -> dict:
