@@ -75,13 +75,13 @@ def rules_cells(lab: Lab, sps: tuple[float, ...], cache: CellCache | None = None
     """One flat row per (rule, SP) with its dims and measurements; and the score tables by SP."""
     cache = cache or CellCache("rules")
     shape = ModelShape.from_config(lab.model.config)
-    rows, scores = [], {}
+    rows, scores, eigenvalues = [], {}, spectra(lab, cache)
     for sp in sps:
         scores[sp] = layer_scores(lab, sp, cache)
         for rule in rules.RULES:
-            dims = rules.rule_dims(rule, shape, sp, scores[sp], spectra(lab, cache))
+            dims = rules.rule_dims(rule, shape, sp, scores[sp], eigenvalues)
             row = {"rule": rule, "sp": sp, "dims": " ".join(str(int(d)) for d in dims)}
-            row["energy"] = rules.kept_energy(spectra(lab, cache), dims)
+            row["energy"] = rules.kept_energy(eigenvalues, dims)
             rows.append({**row, **rule_cell(lab, dims, sp, cache)})
     return flatten(rows, lab.settings.tasks), scores
 

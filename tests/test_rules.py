@@ -181,3 +181,26 @@ def test_rules_table_verdicts_come_from_the_paired_intervals():
     text = read_rules_table(table.reset_index())
     assert "better for lr, spare_ends" in text and "LR's shape matters" not in text
     assert readme_table(table.reset_index()).count("\n| ") == 5  # header rule line plus four rules
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["rules", "--sps", "1.5", "--out", "x"], "invalid fraction"),
+        (["rules", "--size", "smoke"], "--out"),
+    ],
+)
+def test_rules_command_rejects_bad_input_in_one_line(argv, message, capsys, tmp_path):
+    from helpers.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_rules_command_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    from helpers.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["rules", "--size", "smoke", "--out", str(tmp_path)]) == 2
+    assert "not an earlier reproduce output" in capsys.readouterr().err
