@@ -382,6 +382,7 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="reduced: < 30 min on 2 CPU cores")
     p.add_argument("--out", type=Path, default=None, help="output folder: new, empty or an earlier reproduce output")
     p.add_argument("--no-depth", action="store_true", help="skip the depth-pruning comparison")
+    p.add_argument("--rules", action="store_true", help="also compare allocation and SB selection rules")
     p.add_argument("--check", action="store_true", help="recompute a sample of the committed cells, report the gap")
     p.add_argument(
         "--executor",
@@ -402,6 +403,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(SIZES[args.size], model=args.model)
     if args.no_depth:
         settings = dataclasses.replace(settings, depth=False)
+    if args.rules:
+        settings = dataclasses.replace(settings, rules=True)
     if args.check:
         gap = check(settings, args.out or FIGURES_DIR)
         print(f"largest relative difference against the committed cells: {gap:.2e}")
@@ -410,12 +413,36 @@ def run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rules_args(p: argparse.ArgumentParser) -> None:
+    from helpers.reproduce import SIZES
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
+    p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="the reproduce sizes to run at")
+    p.add_argument("--sps", type=fraction, nargs="+", default=None, help="SPs to compare (default: the size's)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (e.g. data/rules_run); tables and figure")
+
+
+@command("rules", _rules_args)
+def run_rules(args: argparse.Namespace) -> int:
+    """Compare allocation rules at matched size and SB selection rules on unseen data; resumable."""
+    import dataclasses
+
+    from helpers.reproduce import SIZES
+    from helpers.rules_report import run_rules as run
+
+    settings = dataclasses.replace(SIZES[args.size], model=args.model)
+    sps = tuple(args.sps or settings.rules_sps)
+    run(dataclasses.replace(settings, sps=sps, rules_sps=sps), args.out)
+    print(f"allocation rules written to {args.out}")
+    return 0
+
+
 def _outputs(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
     """Every path the command will write that the user named, with its kind (None: a file)."""
     from helpers.storage import FIGURE_SUFFIXES, figure_stem
 
     out = getattr(args, "out", None)
-    if out is None or args.command == "reproduce":
+    if out is None or args.command in ("reproduce", "rules"):
         return []
     paths = [(out, args.out_kind)]
     if args.command == "lr" or (args.command == "allocate" and args.plot is True):
@@ -459,7 +486,7 @@ def preflight(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr {lr_file} is {'a folder' if lr_file.is_dir() else 'missing'}; give an LR CSV file.")
     out = getattr(args, "out", None)
     foreign = out is not None and out.exists() and not (out / "manifest.json").is_file()
-    if args.command == "reproduce" and foreign and (not out.is_dir() or any(out.iterdir())):
+    if args.command in ("reproduce", "rules") and foreign and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {args.out} is not empty and not an earlier reproduce output (no manifest.json).")
     inputs = [getattr(args, k, None) for k in ("model", "text", "calib", "lr_text", "lr")]
     for path, kind in _outputs(args):

@@ -440,3 +440,20 @@ def plot_spectra(eigenvalues: dict[str, np.ndarray], dims: list[int], kind: str 
     ax.set_ylabel("fraction of variance")
     ax.set_title(f"PCA spectrum at each layer's {'attention' if kind == 'attn' else 'MLP'} input (dot: kept)")
     return ax.figure
+
+
+def plot_rule_scores(scores: pd.DataFrame, title: str = "", ax: plt.Axes | None = None) -> plt.Figure:
+    """Every rule's per-layer score over depth, each min-max scaled to [0, 1] (1 = most redundant)."""
+    use_style()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 4))
+    for k, column in enumerate(scores.columns):  # dashed every other line: equal scores stay visible
+        values = scores[column].to_numpy(dtype=float)
+        spread = values.max() - values.min()
+        scaled = (values - values.min()) / spread if spread > 0 else np.zeros_like(values)
+        ax.plot(np.arange(values.size), scaled, marker="o", ms=3, lw=1.2, ls="-" if k % 2 == 0 else "--", label=column)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("min-max scaled score\n(1 = most redundant)")
+    ax.set_title(title or "Per-layer scores of the allocation rules", fontsize=10)
+    ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    return ax.figure

@@ -217,3 +217,78 @@ def _verdict_phrase(cell: str, good: str, bad: str) -> str:
     verdict = verdict.strip()
     word = {"better": f"resolved {good}", "worse": f"resolved {bad}"}.get(verdict, verdict)
     return f"{word} (difference {number}, interval {low} to {high})"
+
+
+def _verdict_list(rows: pd.DataFrame, column: str, verdict: str) -> str:
+    names = rows.loc[rows[column] == verdict, "rule"].tolist()
+    return ", ".join(names) if names else "none"
+
+
+def read_rules_table(table: pd.DataFrame) -> str:
+    """Read the allocation-rules table: per SP, the best rule and which rules the paired intervals separate."""
+    lines = []
+    for sp, rows in table.groupby("sp"):
+        rows = rows[~rows["rule"].isin(["constant"])]
+        best = rows.loc[rows["perplexity"].idxmin()]
+        lines.append(
+            f"- **SP = {sp:.2f}**: lowest held-out perplexity {best['rule']} ({best['perplexity']:.1f}, 95% interval "
+            f"{best['ppl_low']:.1f}-{best['ppl_high']:.1f}). Perplexity against constant slicing: better for "
+            f"{_verdict_list(rows, 'ppl_verdict_vs_constant', 'better')}, worse for "
+            f"{_verdict_list(rows, 'ppl_verdict_vs_constant', 'worse')}, not resolved for "
+            f"{_verdict_list(rows, 'ppl_verdict_vs_constant', 'not resolved')}. Against LR: better for "
+            f"{_verdict_list(rows, 'ppl_verdict_vs_lr', 'better')}, worse for "
+            f"{_verdict_list(rows, 'ppl_verdict_vs_lr', 'worse')}. Average accuracy against LR: better for "
+            f"{_verdict_list(rows, 'acc_verdict_vs_lr', 'better')}, worse for "
+            f"{_verdict_list(rows, 'acc_verdict_vs_lr', 'worse')}, not resolved for "
+            f"{_verdict_list(rows[rows['rule'] != 'lr'], 'acc_verdict_vs_lr', 'not resolved')}."
+        )
+    spare = table[table["rule"] == "spare_ends"]
+    if len(spare):
+        verdicts = set(spare["ppl_verdict_vs_lr"])
+        answer = (
+            "not resolved by these intervals"
+            if verdicts == {"not resolved"}
+            else "LR's shape matters beyond sparing the ends"
+            if verdicts == {"worse"}
+            else "sparing the ends does as well as LR or better"
+            if verdicts <= {"better", "not resolved"} and "better" in verdicts
+            else "mixed across SPs"
+        )
+        lines.append(f"- Does LR's gain come from sparing the first and last layers? Perplexity says: {answer}.")
+    return "\n".join(lines)
+
+
+def read_sb_selection(summary: pd.DataFrame) -> str:
+    """Read the SB-selection comparison: which rule most often finds the SB best on unseen data, at what cost."""
+    best_ppl = summary.loc[summary["finds_best_ppl"].idxmax()]
+    best_acc = summary.loc[summary["finds_best_acc"].idxmax()]
+    parts = [
+        f"{r.rule} finds the best SB by held-out perplexity in {r.finds_best_ppl:.0%} and by held-out accuracy in "
+        f"{r.finds_best_acc:.0%} of {r.trials} trials (mean regret {r.mean_ppl_regret:.2f} perplexity, "
+        f"{100 * r.mean_acc_regret:.1f} accuracy points; it scores {r.cost_per_candidate} per candidate)"
+        for r in summary.itertuples()
+    ]
+    tied = summary["finds_best_acc"].nunique() == 1 and summary["finds_best_ppl"].nunique() == 1
+    verdict = (
+        "Only one candidate SB per SP: every rule picks it, and nothing is compared."
+        if summary["candidates"].max() < 2
+        else "The rules do equally well here: which rule to use is not resolved by these data."
+        if tied
+        else f"Most often right: {best_ppl['rule']} for perplexity, {best_acc['rule']} for accuracy."
+    )
+    return "SB selection: " + "; ".join(parts) + ". " + verdict
+
+
+def read_score_agreement(correlations: pd.DataFrame) -> str:
+    """Read a square Spearman table (column `score` plus one column per score): closest and farthest pairs."""
+    table = correlations.set_index("score")[list(correlations["score"])]
+    pairs = [(a, b, float(table.loc[a, b])) for i, a in enumerate(table.index) for b in table.index[i + 1 :]]
+    pairs = [p for p in pairs if np.isfinite(p[2])]
+    high, low = max(pairs, key=lambda p: p[2]), min(pairs, key=lambda p: p[2])
+    agree = sum(p[2] > 0.7 for p in pairs)
+    return (
+        f"Of {len(pairs)} pairs of scores, {agree} rank the layers alike (Spearman above 0.7). The closest pair is "
+        f"{high[0]} and {high[1]} ({high[2]:.2f}); the farthest {low[0]} and {low[1]} ({low[2]:.2f}). "
+        "Scores that rank layers alike slice alike through the SP/SB formula, whatever they measure; "
+        "a rank correlation near 0 means the two would spend the budget on different layers."
+    )

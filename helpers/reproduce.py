@@ -11,6 +11,7 @@
 3. Speed and memory of dense, constant and best dynamic at each SP: each model
    in its own worker process, repeats interleaved (`helpers.speed`).
 4. Depth pruning against slicing at matched parameter counts (`helpers.compare`).
+5. With `rules` on: allocation rules and SB selection rules compared (`helpers.rules_report`).
 
 Every cell is cached (`helpers.results.CellCache`): a rerun skips finished work
 and an interrupted run loses at most the cell in progress. Each file written is
@@ -76,6 +77,8 @@ class Settings:
     speed_new_tokens: int = 32
     depth: bool = True  # also run the depth-pruning comparison
     depth_steps: int = 150  # replacement training steps in the depth comparison
+    rules: bool = False  # also compare allocation and SB selection rules (helpers.rules_report)
+    rules_sps: tuple[float, ...] = (0.30, 0.40)  # the SPs of the allocation-rules comparison (a subset of sps)
     seed: int = 0
 
     def cell_params(self, **coordinates) -> dict:
@@ -107,7 +110,7 @@ SIZES: dict[str, Settings] = {
     # bfloat16 with the shared-context scorer, perplexity on three held-out books.
     "reduced": Settings(),
     # Statistical power within 3 hours here: whole validation splits, 2,000 HellaSwag questions.
-    "standard": Settings(limit=None, task_limits=(("hellaswag", 2000),), eval_windows=32),
+    "standard": Settings(limit=None, task_limits=(("hellaswag", 2000),), eval_windows=32, rules=True),
     # The paper's protocol sizes (SB step 0.02, whole validation splits): hours on a GPU.
     "full": Settings(
         seqlen=512,
@@ -133,6 +136,7 @@ SIZES: dict[str, Settings] = {
         speed_prompt=16,
         speed_new_tokens=4,
         depth=False,
+        rules_sps=(0.3,),
     ),
 }
 
@@ -564,6 +568,10 @@ def reproduce(
         new_tokens=settings.speed_new_tokens,
         **settings.cell_params(),
     )
+    if settings.rules:
+        from helpers.rules_report import write_rules
+
+        tables.update(write_rules(lab, cells, out, manifest))
     if settings.depth:
         tables["depth"] = depth_comparison(
             settings, float(best_dynamic(cells).set_index("sp").loc[settings.sps[0], "sb"]), out, manifest, progress

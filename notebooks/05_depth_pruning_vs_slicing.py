@@ -42,7 +42,7 @@
 # *The Unreasonable Ineffectiveness of the Deeper Layers* ([arXiv:2403.17887](https://arxiv.org/abs/2403.17887));
 # LLM-Streamline (Chen et al., ICLR 2025, [arXiv:2403.19135](https://arxiv.org/abs/2403.19135)); the hybrid is
 # future work named by Dumitru et al. 2024 ([arXiv:2411.03513](https://arxiv.org/abs/2411.03513)). Follows
-# `04_benchmark_tables`; this is the last lesson.
+# `04_benchmark_tables`; the next lesson, `06_allocation_rules`, compares LR with other per-layer scores.
 
 # %% tags=["parameters"]
 import os
