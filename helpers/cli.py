@@ -9,7 +9,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from helpers.models import DEFAULT_MODEL
+from helpers.models.loading import DEFAULT_MODEL
+
+# Each command imports what it needs inside its function: `--help`, argument errors and
+# the light commands then start without loading every stage (matplotlib, lm-eval tables, ...).
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -91,9 +94,9 @@ def _lr_args(p: argparse.ArgumentParser) -> None:
 @command("lr", _lr_args)
 def run_lr(args: argparse.Namespace) -> int:
     """Compute Layer Redundancy and write the CSV plus a plot of the curve next to it."""
-    from helpers import plots
-    from helpers.redundancy import cached_layer_redundancy
-    from helpers.storage import FIGURES_DIR, figure_stem, slug, write_csv_atomic
+    from helpers.analysis.redundancy import cached_layer_redundancy
+    from helpers.infra.storage import FIGURES_DIR, figure_stem, slug, write_csv_atomic
+    from helpers.ui import plots
 
     table = cached_layer_redundancy(args.model, args.text, args.seqlen, args.windows, args.batch_size)
     out = args.out or FIGURES_DIR / f"lr_{slug(args.model)}.csv"
@@ -122,11 +125,12 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
 @command("prune", _prune_args)
 def run_prune(args: argparse.Namespace) -> int:
     """Depth-prune a model (ShortGPT, angular distance or LLM-Streamline) and save it as a loadable folder."""
-    from helpers import plots
-    from helpers.depth import cached_block_scores, parameter_count, save_pruned
-    from helpers.models import load_model
-    from helpers.replacement import prune_model
-    from helpers.textdata import load_windows
+    from helpers.analysis.block_scores import cached_block_scores
+    from helpers.compression.checkpoints import load_model, save_pruned
+    from helpers.compression.depth import parameter_count
+    from helpers.compression.replacement import prune_model
+    from helpers.infra.textdata import load_windows
+    from helpers.ui import plots
 
     model, tokenizer = load_model(args.model)
     before = parameter_count(model)
@@ -164,7 +168,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 @command("compare", _compare_args)
 def run_compare(args: argparse.Namespace) -> int:
     """Depth pruning vs slicing at matched parameter counts; writes data/runs/depth_comparison.{csv,md}."""
-    from helpers.compare import CompareSettings, compare, write_table
+    from helpers.experiments.compare import CompareSettings, compare, write_table
 
     settings = CompareSettings(
         model=args.model,
@@ -195,9 +199,9 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
 @command("allocate", _allocate_args)
 def run_allocate(args: argparse.Namespace) -> int:
     """Per-layer slice fractions and kept dimensions from LR scores for a mean slice SP and base slice SB."""
-    from helpers import plots
-    from helpers.allocation import ModelShape, allocate, allocation_table, param_summary, read_lr_csv
-    from helpers.storage import FIGURES_DIR, figure_stem, write_csv_atomic
+    from helpers.compression.allocation import ModelShape, allocate, allocation_table, param_summary, read_lr_csv
+    from helpers.infra.storage import FIGURES_DIR, figure_stem, write_csv_atomic
+    from helpers.ui import plots
 
     shape = ModelShape.from_pretrained(args.model)
     lr = read_lr_csv(args.lr)
@@ -237,10 +241,10 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot multiple-choice accuracy (acc, acc_norm, n per task) in the lm-evaluation-harness convention."""
     import torch
 
-    from helpers.models import load_model
-    from helpers.storage import FIGURES_DIR, slug, write_json_atomic
-    from helpers.tasks import load_task
-    from helpers.zeroshot import evaluate_task, in_dtype
+    from helpers.compression.checkpoints import load_model
+    from helpers.evaluation.tasks import load_task
+    from helpers.evaluation.zeroshot import evaluate_task, in_dtype
+    from helpers.infra.storage import FIGURES_DIR, slug, write_json_atomic
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -282,10 +286,10 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
 @command("slice", _slice_args)
 def run_slice(args: argparse.Namespace) -> int:
     """Slice a model (constant when SB = SP, dynamic by Layer Redundancy otherwise) and save it."""
-    from helpers.ledger import ledger_totals, parameter_ledger
-    from helpers.models import load_model
-    from helpers.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
-    from helpers.textdata import load_windows
+    from helpers.compression.checkpoints import load_model
+    from helpers.compression.ledger import ledger_totals, parameter_ledger
+    from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+    from helpers.infra.textdata import load_windows
 
     sb = args.sp if args.sb is None else args.sb
     model, tokenizer = load_model(args.model, device="cpu")
@@ -293,7 +297,7 @@ def run_slice(args: argparse.Namespace) -> int:
     if sb == args.sp:
         dims = constant_dims(model, args.sp)
     else:
-        from helpers.redundancy import cached_layer_redundancy
+        from helpers.analysis.redundancy import cached_layer_redundancy
 
         lr_text = args.lr_text or args.calib
         lr = cached_layer_redundancy(args.model, lr_text, args.calib_seqlen, args.calib_windows, args.batch_size)
@@ -325,10 +329,10 @@ def _ppl_args(p: argparse.ArgumentParser) -> None:
 @command("ppl", _ppl_args)
 def run_ppl(args: argparse.Namespace) -> int:
     """Perplexity (non-overlapping windows, BOS as the family wants) and the realised parameter count."""
-    from helpers.evaluation import perplexity
-    from helpers.ledger import ledger_totals, parameter_ledger
-    from helpers.models import load_model
-    from helpers.storage import write_json_atomic
+    from helpers.compression.checkpoints import load_model
+    from helpers.compression.ledger import ledger_totals, parameter_ledger
+    from helpers.evaluation.perplexity import perplexity
+    from helpers.infra.storage import write_json_atomic
 
     model, tokenizer = load_model(args.model)
     result = perplexity(model, tokenizer, args.text, args.seqlen, args.windows or None, args.batch_size)
@@ -356,10 +360,10 @@ def run_speed(args: argparse.Namespace) -> int:
     """Prefill throughput, generation tokens/s per batch size and peak memory of one model, in this process."""
     import json
 
-    from helpers.ledger import ledger_totals, parameter_ledger
-    from helpers.models import load_model
-    from helpers.speed import device_name, generation_speed, prefill_throughput
-    from helpers.textdata import load_windows
+    from helpers.compression.checkpoints import load_model
+    from helpers.compression.ledger import ledger_totals, parameter_ledger
+    from helpers.evaluation.speed import device_name, generation_speed, prefill_throughput
+    from helpers.infra.textdata import load_windows
 
     batch_sizes = args.batch_sizes
     model, tokenizer = load_model(args.model)
@@ -376,7 +380,7 @@ def run_speed(args: argparse.Namespace) -> int:
 
 
 def _reproduce_args(p: argparse.ArgumentParser) -> None:
-    from helpers.reproduce import EXECUTORS, SIZES
+    from helpers.experiments.reproduce import EXECUTORS, SIZES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="reduced: < 30 min on 2 CPU cores")
@@ -396,8 +400,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     """Regenerate every figure and table (with a manifest) into figures/; resumable."""
     import dataclasses
 
-    from helpers.reproduce import SIZES, check, reproduce
-    from helpers.storage import FIGURES_DIR
+    from helpers.experiments.reproduce import SIZES, check, reproduce
+    from helpers.infra.storage import FIGURES_DIR
 
     settings = dataclasses.replace(SIZES[args.size], model=args.model)
     if args.no_depth:
@@ -412,7 +416,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 def _outputs(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
     """Every path the command will write that the user named, with its kind (None: a file)."""
-    from helpers.storage import FIGURE_SUFFIXES, figure_stem
+    from helpers.infra.storage import FIGURE_SUFFIXES, figure_stem
 
     out = getattr(args, "out", None)
     if out is None or args.command == "reproduce":
@@ -429,7 +433,7 @@ def _outputs(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
 
 def _check_text(name: str | None, flag: str) -> None:
     """A text argument must be a known name or an existing file (not a folder)."""
-    from helpers.textdata import text_sources
+    from helpers.infra.textdata import text_sources
 
     if name is None or name in text_sources():
         return
@@ -444,9 +448,9 @@ def preflight(args: argparse.Namespace) -> None:
     """Check every argument, input, output path and the device before any model loads or computing starts."""
     from transformers import AutoConfig
 
-    from helpers.integrity import check_calibration_tokens, check_device
-    from helpers.models import UnknownModelError, resolve_model
-    from helpers.storage import check_not_input, check_output
+    from helpers.infra.integrity import check_calibration_tokens, check_device
+    from helpers.infra.storage import check_not_input, check_output
+    from helpers.models.loading import UnknownModelError, resolve_model
 
     if os.environ.get("HELPERS_DEVICE"):
         check_device(os.environ["HELPERS_DEVICE"], "HELPERS_DEVICE")
@@ -479,7 +483,7 @@ def preflight(args: argparse.Namespace) -> None:
 
 
 def _book_args(p: argparse.ArgumentParser) -> None:
-    from helpers.book import DEFAULT_OUT, MODES
+    from helpers.ui.book import DEFAULT_OUT, MODES
 
     p.add_argument("--mode", choices=sorted(MODES), default="reduced", help="fast: HELPERS_FAST=1, as CI runs it")
     _out_args(p, "book", f"build folder (default {DEFAULT_OUT}; the site lands in OUT/_build/html)")
@@ -488,7 +492,7 @@ def _book_args(p: argparse.ArgumentParser) -> None:
 @command("book", _book_args)
 def run_book(args: argparse.Namespace) -> int:
     """Execute every lesson once and build the static site (Jupyter Book) with the gallery and tables."""
-    from helpers.book import DEFAULT_OUT, build
+    from helpers.ui.book import DEFAULT_OUT, build
 
     report = build(args.mode, args.out or DEFAULT_OUT)
     for name, seconds in report.seconds.items():

@@ -17,14 +17,16 @@ import time
 import pandas as pd
 import torch
 
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import compression, ledger_totals, parameter_ledger
-from helpers.models import DEFAULT_MODEL, load_model, pick_device
-from helpers.redundancy import cached_layer_redundancy
-from helpers.slicing import allocation_dims, rotate_and_slice, sb_sweep
-from helpers.speed import device_name, generation_speed, peak_memory_mb, reset_peak_memory
-from helpers.storage import FIGURES_DIR, write_json_atomic
-from helpers.textdata import load_windows
+from helpers.analysis.redundancy import cached_layer_redundancy
+from helpers.compression.checkpoints import load_model
+from helpers.compression.ledger import compression, ledger_totals, parameter_ledger
+from helpers.compression.slicing import allocation_dims, rotate_and_slice
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.evaluation.speed import device_name, generation_speed, peak_memory_mb, reset_peak_memory
+from helpers.experiments.sweeps import sb_sweep
+from helpers.infra.storage import FIGURES_DIR, write_json_atomic
+from helpers.infra.textdata import load_windows
+from helpers.models.loading import DEFAULT_MODEL, pick_device
 
 
 def parse() -> argparse.Namespace:

@@ -17,13 +17,13 @@ import time
 import pandas as pd
 import torch
 
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import ledger_totals, parameter_ledger
-from helpers.models import load_model
-from helpers.redundancy import layer_redundancy
-from helpers.slicing import allocation_dims, constant_dims, rotate_and_slice
-from helpers.storage import write_json_atomic
-from helpers.textdata import load_windows
+from helpers.analysis.redundancy import layer_redundancy
+from helpers.compression.checkpoints import load_model
+from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.infra.storage import write_json_atomic
+from helpers.infra.textdata import load_windows
 
 
 def parse() -> argparse.Namespace:

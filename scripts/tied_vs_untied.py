@@ -14,12 +14,13 @@ import copy
 import pandas as pd
 import torch
 
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import compression, ledger_totals, parameter_ledger
-from helpers.models import DEFAULT_MODEL, load_model
-from helpers.slicing import constant_dims, rotate_and_slice, untie_sliced
-from helpers.storage import FIGURES_DIR, write_csv_atomic
-from helpers.textdata import load_windows
+from helpers.compression.checkpoints import load_model
+from helpers.compression.ledger import compression, ledger_totals, parameter_ledger
+from helpers.compression.slicing import constant_dims, rotate_and_slice, untie_sliced
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.infra.storage import FIGURES_DIR, write_csv_atomic
+from helpers.infra.textdata import load_windows
+from helpers.models.loading import DEFAULT_MODEL
 
 
 def main() -> None:

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import allocation
-from helpers.adapters import get_adapter
-from helpers.capture import collect_hidden_states
-from helpers.ledger import ledger_totals, parameter_ledger
-from helpers.models import tiny_model
-from helpers.redundancy import layer_redundancy
-from helpers.sliced_layers import PostNormSlicedLayer
-from helpers.slicing import load_sliced, make_rotation_invariant, rotate_and_slice, save_sliced
+from helpers.analysis.capture import collect_hidden_states
+from helpers.analysis.redundancy import layer_redundancy
+from helpers.compression import allocation
+from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.slicing import load_sliced, make_rotation_invariant, rotate_and_slice, save_sliced
+from helpers.models.adapters import get_adapter
+from helpers.models.loading import tiny_model
+from helpers.models.sliced_layers import PostNormSlicedLayer
 
 DIMS = [48, 40, 56, 32, 48, 40]  # six layers: five sliding, one global
 TOL = 1e-4

@@ -7,8 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import models, storage, textdata
-from helpers.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types
+from helpers.infra import storage, textdata
+from helpers.models import loading as models
+from helpers.models.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types
 
 
 def test_unknown_model_name_lists_the_known_ones():
@@ -29,7 +30,7 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
 
     GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="gemma3_text, llama, mistral, opt, qwen2"):
-        models.load_model(str(tmp_path))
+        models.load_dense(str(tmp_path))
     assert supported_model_types() == ["gemma3_text", "llama", "mistral", "opt", "qwen2"]
 
 
