@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from helpers.evaluation.tasks import PAPER_TASKS
+from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT
 from helpers.models.loading import DEFAULT_MODEL
 
 # Each command imports what it needs inside its function: `--help`, argument errors and
@@ -129,7 +131,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from helpers.compression.checkpoints import load_model, save_pruned
     from helpers.compression.depth import parameter_count
     from helpers.compression.replacement import prune_model
-    from helpers.infra.textdata import load_windows
+    from helpers.infra.textdata import load_split
     from helpers.ui import plots
 
     model, tokenizer = load_model(args.model)
@@ -137,8 +139,8 @@ def run_prune(args: argparse.Namespace) -> int:
     scores = cached_block_scores(args.model, args.calib, args.seqlen, args.windows, model=model, tokenizer=tokenizer)
     train = val = None
     if args.replacement != "none":  # windows after the scoring ones, so the replacement sees fresh text
-        ids = load_windows(tokenizer, args.calib, args.seqlen, args.windows + args.train_windows + args.val_windows)
-        train, val = ids[args.windows : args.windows + args.train_windows], ids[args.windows + args.train_windows :]
+        sizes = args.windows, args.train_windows, args.val_windows
+        _, train, val = load_split(tokenizer, args.calib, args.seqlen, *sizes)
     model, info, history = prune_model(
         model, scores, args.method, args.n, args.replacement, train, val, max_steps=args.max_steps
     )
@@ -229,7 +231,7 @@ def run_allocate(args: argparse.Namespace) -> int:
 
 def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (sliced models too) or Hugging Face id")
-    p.add_argument("--tasks", default="piqa,hellaswag,arc_easy,arc_challenge,winogrande", help="comma-separated")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated")
     p.add_argument("--limit", type=positive_int, default=None, help="score the first N questions of each task")
     p.add_argument("--batch-size", type=positive_int, default=8, help="(context, option) rows per forward pass")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="scoring precision")
@@ -269,7 +271,7 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--sp", type=fraction, required=True, help="mean slice fraction, e.g. 0.3")
     p.add_argument("--sb", type=fraction, default=None, help="base slice (default SP: constant slicing)")
-    p.add_argument("--calib", default="pride-and-prejudice", help="text name or .txt file for calibration")
+    p.add_argument("--calib", default=CALIB_TEXT, help="text name or .txt file for calibration")
     p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--calib-windows", type=positive_int, default=64)
     p.add_argument(
@@ -319,7 +321,7 @@ def run_slice(args: argparse.Namespace) -> int:
 
 def _ppl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (dense or sliced) or Hugging Face id")
-    p.add_argument("--text", default="great-expectations", help="text name or .txt file")
+    p.add_argument("--text", default=EVAL_TEXT, help="text name or .txt file")
     p.add_argument("--seqlen", type=positive_int, default=512)
     p.add_argument("--windows", type=count, default=32, help="number of windows (0: every full window)")
     p.add_argument("--batch-size", type=positive_int, default=4)
@@ -348,7 +350,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 def _speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (sliced/pruned too) or Hugging Face id")
-    p.add_argument("--text", default="great-expectations", help="text the prompts are cut from")
+    p.add_argument("--text", default=EVAL_TEXT, help="text the prompts are cut from")
     p.add_argument("--prompt", type=positive_int, default=128, help="prompt length in tokens")
     p.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens generated per prompt")
     p.add_argument("--batch-sizes", type=positive_ints, default=[1, 16], help="comma-separated generation batch sizes")

@@ -125,10 +125,9 @@ _ = plots.save_figure(fig, FIGURES_DIR / "depth_chosen_layers.png")
 
 # %%
 from helpers.compression.replacement import train_replacement
-from helpers.infra.textdata import load_windows, split_windows
+from helpers.infra.textdata import load_split
 
-ids = load_windows(tokenizer, CALIB, SEQLEN, WINDOWS + TRAIN_WINDOWS + VAL_WINDOWS)
-_, train_ids, val_ids = split_windows(ids, WINDOWS, TRAIN_WINDOWS, VAL_WINDOWS)
+_, train_ids, val_ids = load_split(tokenizer, CALIB, SEQLEN, WINDOWS, TRAIN_WINDOWS, VAL_WINDOWS)
 start = scores.choose("streamline", N)[0]
 modules, histories = {}, {}
 for kind in KINDS:

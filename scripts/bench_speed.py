@@ -24,6 +24,7 @@ import pandas as pd
 from helpers.compression.checkpoints import load_model
 from helpers.evaluation.speed import WORKLOADS, device_name, interleaved_benchmark, speed_markdown, summarise
 from helpers.infra.storage import DATA_DIR, FIGURES_DIR, slug, write_csv_atomic, write_text_atomic
+from helpers.infra.textdata import CALIB_TEXT
 from helpers.models.loading import DEFAULT_MODEL, pick_device
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--sp", type=float, default=0.3)
     p.add_argument("--sb", type=float, default=0.0, help="base slice of the dynamic model")
-    p.add_argument("--calib", default="pride-and-prejudice")
+    p.add_argument("--calib", default=CALIB_TEXT)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker (fixed)")

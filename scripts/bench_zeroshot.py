@@ -23,9 +23,9 @@ import torch
 
 from helpers.compression.checkpoints import load_model
 from helpers.evaluation import stats
-from helpers.evaluation.tasks import TASKS, datasets_dir
+from helpers.evaluation.tasks import TASKS, datasets_dir, paper_metric
 from helpers.evaluation.zeroshot import evaluate
-from helpers.experiments.reproduce import MODEL_NAME, paper_metric
+from helpers.experiments.reproduce import MODEL_NAME
 
 # the harness's own task definitions, relative to lm_eval/tasks/
 HARNESS_TASKS = {

@@ -219,6 +219,38 @@ def train_replacement(
     if max_steps < 1 or eval_every < 1 or patience < 1:
         raise ValueError("max_steps, eval_every and patience must be at least 1.")
     module = make_replacement(model, kind, start, n, hidden, init_from)
+    train_dir, val_dir = _cached_pairs(model, train_ids, val_ids, start, n, batch_size, cache_dir, progress)
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    module.to(device).train()
+    runner = _LayerRunner(module, model) if kind == "layer" else module
+    module.requires_grad_(True)
+    optimiser = torch.optim.AdamW(
+        module.parameters(), lr=lr or (1e-4 if kind == "layer" else 1e-3), weight_decay=weight_decay
+    )
+    history = dict(step=[], train_loss=[], val_step=[], val_loss=[], kind=kind, start=start, n=n, stopped_early=False)
+    history["identity_mse"] = _mse(None, val_dir, device)
+    stopper = _EarlyStopping(module, runner, val_dir, device, history, patience)
+    _fit(runner, optimiser, train_dir, device, stopper, max_steps, eval_every, progress)
+    module.load_state_dict(stopper.best_state)
+    module.eval().requires_grad_(False)
+    history.update(best_val_mse=stopper.best_val, best_step=stopper.best_step)
+    if not math.isfinite(stopper.best_val):
+        raise RuntimeError("Replacement training diverged (validation MSE is not finite); lower the learning rate.")
+    return module, history
+
+
+def _cached_pairs(
+    model: nn.Module,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    start: int,
+    n: int,
+    batch_size: int,
+    cache_dir: str | Path | None,
+    progress: bool,
+) -> tuple[Path, Path]:
+    """The training and validation (x_in, x_out) shard folders, under a key of model, block and windows."""
     key = cache_key(
         model=str(getattr(model, "name_or_path", "")),
         weights=tensor_fingerprint(model),
@@ -231,38 +263,52 @@ def train_replacement(
     root = Path(cache_dir) if cache_dir else CACHE_DIR / "streamline" / key
     train_dir = capture_block_pairs(model, train_ids, start, n, root / "train", batch_size, progress)
     val_dir = capture_block_pairs(model, val_ids, start, n, root / "val", batch_size, progress)
+    return train_dir, val_dir
 
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    module.to(device).train()
-    runner = _LayerRunner(module, model) if kind == "layer" else module
-    params = [p for p in module.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimiser = torch.optim.AdamW(params, lr=lr or (1e-4 if kind == "layer" else 1e-3), weight_decay=weight_decay)
 
-    identity = _mse(None, val_dir, device)
-    history = dict(
-        step=[],
-        train_loss=[],
-        val_step=[0],
-        val_loss=[],
-        identity_mse=identity,
-        kind=kind,
-        start=start,
-        n=n,
-        stopped_early=False,
-    )
-    module.eval()
-    best_val, best_step, best_state, waited = _mse(runner, val_dir, device), 0, copy.deepcopy(module.state_dict()), 0
-    history["val_loss"].append(best_val)
-    module.train()
-    step = 0
-    bar = tqdm(total=max_steps, desc=f"train {kind}", disable=not progress)
+class _EarlyStopping:
+    """Validates on the held-out shards, keeps the best state, and stops after `patience` checks without gain."""
+
+    def __init__(
+        self, module: nn.Module, runner: nn.Module, val_dir: Path, device: torch.device, history: dict, patience: int
+    ) -> None:
+        self.module, self.runner, self.val_dir, self.device = module, runner, val_dir, device
+        self.history, self.patience = history, patience
+        self.best_val, self.best_step, self.best_state, self.waited = math.inf, 0, None, 0
+        self.check(0)  # the untrained module is the first candidate
+
+    def check(self, step: int) -> bool:
+        """Validate at `step` and record it; True when training should stop."""
+        self.module.eval()
+        val = _mse(self.runner, self.val_dir, self.device)
+        self.module.train()
+        self.history["val_step"].append(step)
+        self.history["val_loss"].append(val)
+        if val < self.best_val or self.best_state is None:
+            self.best_val, self.best_step, self.waited = val, step, 0
+            self.best_state = copy.deepcopy(self.module.state_dict())
+            return False
+        self.waited += 1
+        self.history["stopped_early"] = self.waited >= self.patience
+        return self.history["stopped_early"]
+
+
+def _fit(
+    runner: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    train_dir: Path,
+    device: torch.device,
+    stopper: _EarlyStopping,
+    max_steps: int,
+    eval_every: int,
+    progress: bool,
+) -> None:
+    """Minimise the MSE between `runner(x_in)` and x_out over the training shards, epoch after epoch."""
+    history, step = stopper.history, 0
+    bar = tqdm(total=max_steps, desc=f"train {history['kind']}", disable=not progress)
     while step < max_steps and not history["stopped_early"]:
         for x_in, x_out in iter_pairs(train_dir):
-            x_in, x_out = x_in.to(device), x_out.to(device)
-            loss = (runner(x_in) - x_out).pow(2).mean()
+            loss = (runner(x_in.to(device)) - x_out.to(device)).pow(2).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -271,30 +317,13 @@ def train_replacement(
             history["train_loss"].append(loss.item())
             bar.update(1)
             if step % eval_every == 0 or step == max_steps:
-                module.eval()
-                val = _mse(runner, val_dir, device)
-                module.train()
-                history["val_step"].append(step)
-                history["val_loss"].append(val)
-                bar.set_postfix(val=f"{val:.4g}", identity=f"{identity:.4g}")
-                if val < best_val:
-                    best_val, best_step, best_state, waited = val, step, copy.deepcopy(module.state_dict()), 0
-                else:
-                    waited += 1
-                    if waited >= patience:
-                        history["stopped_early"] = True
-                        break
+                stop = stopper.check(step)
+                bar.set_postfix(val=f"{history['val_loss'][-1]:.4g}", identity=f"{history['identity_mse']:.4g}")
+                if stop:
+                    break
             if step >= max_steps:
                 break
     bar.close()
-    module.load_state_dict(best_state)
-    module.eval()
-    for p in params:
-        p.requires_grad_(False)
-    history.update(best_val_mse=best_val, best_step=best_step)
-    if not math.isfinite(best_val):
-        raise RuntimeError("Replacement training diverged (validation MSE is not finite); lower the learning rate.")
-    return module, history
 
 
 def streamline(model: nn.Module, start: int, n: int, module: nn.Module | None = None) -> nn.Module:

@@ -109,6 +109,13 @@ TASKS: dict[str, tuple[str, Callable[[dict], Question]]] = {
     "copa": ("super_glue/copa/validation", _copa),
 }
 SPLIT = "validation"
+PAPER_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande")  # the five the paper reports
+ACC_ONLY = ("winogrande",)  # SliceGPT reports acc for WinoGrande and acc_norm for the rest
+
+
+def paper_metric(task: str) -> str:
+    """The metric SliceGPT and the dynamic-slicing paper report for a task: "acc" or "acc_norm"."""
+    return "acc" if task in ACC_ONLY else "acc_norm"
 
 
 def datasets_dir() -> Path:

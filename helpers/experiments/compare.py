@@ -38,24 +38,14 @@ from helpers.evaluation import stats
 from helpers.evaluation.perplexity import perplexity
 from helpers.evaluation.speed import prefill_throughput
 from helpers.evaluation.stability import stability
+from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
 from helpers.evaluation.zeroshot import evaluate
 from helpers.experiments.results import CellCache
 from helpers.infra.integrity import code_fingerprint
 from helpers.infra.storage import DATA_DIR, write_csv_atomic, write_text_atomic
-from helpers.infra.textdata import load_windows
+from helpers.infra.textdata import load_split
 from helpers.models.adapters import get_adapter
 from helpers.models.loading import DEFAULT_MODEL
-
-VARIANTS = (
-    "dense",
-    "constant slicing",
-    "dynamic slicing",
-    "ShortGPT",
-    "LLM-Streamline",
-    "LLM-Streamline + replacement",
-    "hybrid: ShortGPT + dynamic slicing",
-)
-
 
 # The modules whose source shapes a comparison cell: a change to any of them computes fresh cells.
 COMPARE_CODE = (
@@ -90,7 +80,7 @@ class CompareSettings:
     eval_text: str = "twenty-thousand-leagues"  # not in the first calibration windows of "gutenberg"
     eval_seqlen: int = 256
     eval_windows: int = 16
-    tasks: tuple[str, ...] = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande")
+    tasks: tuple[str, ...] = PAPER_TASKS
     task_limit: int = 50
     dtype: str = "float32"  # zero-shot scoring precision (building the variants stays float32)
     batch_size: int = 4
@@ -126,52 +116,76 @@ def plan(model: nn.Module, scores: BlockScores, lr: np.ndarray, settings: Compar
     )
 
 
+def _sliced(model: nn.Module, dims: list[int], ctx: dict, settings: CompareSettings) -> nn.Module:
+    slice_model(model, ctx["calib_ids"], dims=dims, batch_size=settings.batch_size, progress=False)
+    return model
+
+
+def _constant_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    dims = constant_dims(model, settings.slice_fraction)
+    return _sliced(model, dims, ctx, settings), dict(dims=dims)
+
+
+def _dynamic_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    dims = allocation_dims(ctx["lr"], settings.slice_fraction, settings.base_slice, model.config.hidden_size)
+    return _sliced(model, dims, ctx, settings), dict(dims=dims)
+
+
+def _shortgpt(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    model, info, _ = prune_model(model, ctx["scores"], "shortgpt", ctx["plan"]["n"])
+    return model, info
+
+
+def _streamline(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    model, info, _ = prune_model(model, ctx["scores"], "streamline", ctx["plan"]["n"])
+    return model, info
+
+
+def _streamline_replacement(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    model, info, history = prune_model(
+        model,
+        ctx["scores"],
+        "streamline",
+        ctx["plan"]["n"],
+        settings.replacement,
+        ctx["train_ids"],
+        ctx["val_ids"],
+        max_steps=settings.max_steps,
+        batch_size=settings.batch_size,
+        progress=False,
+    )
+    return model, {**info, "history": history}
+
+
+def _hybrid(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    """ShortGPT removes the planned layers, then dynamic slicing on the LR of the layers that remain."""
+    removed = ctx["scores"].choose("shortgpt", ctx["plan"]["hybrid_k"])
+    remove_layers(model, removed)
+    sp = ctx["plan"]["hybrid_sp"]
+    lr = _lr(model, ctx["calib_ids"], settings.batch_size)
+    dims = allocation_dims(lr, sp, sp * settings.base_slice / settings.slice_fraction, model.config.hidden_size)
+    return _sliced(model, dims, ctx, settings), dict(removed=removed, dims=dims, slice_fraction=sp)
+
+
+_BUILDERS = {  # the order of the table's rows
+    "dense": lambda model, ctx, settings: (model, {}),
+    "constant slicing": _constant_slicing,
+    "dynamic slicing": _dynamic_slicing,
+    "ShortGPT": _shortgpt,
+    "LLM-Streamline": _streamline,
+    "LLM-Streamline + replacement": _streamline_replacement,
+    "hybrid: ShortGPT + dynamic slicing": _hybrid,
+}
+
+
+VARIANTS = tuple(_BUILDERS)
+
+
 def build_variant(name: str, dense: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
-    """A compressed copy of `dense` for variant `name`, and what was done to it."""
-    model = copy.deepcopy(dense)
-    scores, calib, p = ctx["scores"], ctx["calib_ids"], ctx["plan"]
-    d = dense.config.hidden_size
-    if name == "dense":
-        return model, {}
-    if name in ("constant slicing", "dynamic slicing"):
-        sp = settings.slice_fraction
-        dims = (
-            constant_dims(model, sp)
-            if name == "constant slicing"
-            else allocation_dims(ctx["lr"], sp, settings.base_slice, d)
-        )
-        slice_model(model, calib, dims=dims, batch_size=settings.batch_size, progress=False)
-        return model, dict(dims=list(dims))
-    if name == "ShortGPT":
-        model, info, _ = prune_model(model, scores, "shortgpt", p["n"])
-        return model, info
-    if name == "LLM-Streamline":
-        model, info, _ = prune_model(model, scores, "streamline", p["n"])
-        return model, info
-    if name == "LLM-Streamline + replacement":
-        model, info, history = prune_model(
-            model,
-            scores,
-            "streamline",
-            p["n"],
-            settings.replacement,
-            ctx["train_ids"],
-            ctx["val_ids"],
-            max_steps=settings.max_steps,
-            batch_size=settings.batch_size,
-            progress=False,
-        )
-        return model, {**info, "history": history}
-    if name == "hybrid: ShortGPT + dynamic slicing":
-        removed = scores.choose("shortgpt", p["hybrid_k"])
-        remove_layers(model, removed)
-        sp = p["hybrid_sp"]
-        dims = allocation_dims(
-            _lr(model, calib, settings.batch_size), sp, sp * settings.base_slice / settings.slice_fraction, d
-        )
-        slice_model(model, calib, dims=dims, batch_size=settings.batch_size, progress=False)
-        return model, dict(removed=removed, dims=list(dims), slice_fraction=sp)
-    raise ValueError(f"Unknown variant {name!r}; use one of {', '.join(VARIANTS)}.")
+    """A compressed copy of `dense` for variant `name` (one of VARIANTS), and what was done to it."""
+    if name not in _BUILDERS:
+        raise ValueError(f"Unknown variant {name!r}; use one of {', '.join(VARIANTS)}.")
+    return _BUILDERS[name](copy.deepcopy(dense), ctx, settings)
 
 
 def evaluate_variant(model: nn.Module, tokenizer, settings: CompareSettings, speed_ids: torch.Tensor) -> dict:
@@ -190,12 +204,11 @@ def evaluate_variant(model: nn.Module, tokenizer, settings: CompareSettings, spe
         model, tokenizer, list(settings.tasks), settings.task_limit, 8, dtype=getattr(torch, settings.dtype)
     )
     for task, result in scored.items():
-        norm = result.summary["acc_norm"] is not None  # the accuracy reported is acc_norm where it exists
         # stability reads log-likelihood per character for every task (WinoGrande: of its shared continuation),
         # so that its softmax weights are on one scale
         scores = [s / n for s, n in zip(result.option_scores, result.option_lengths, strict=True)]
         tasks[task] = dict(
-            acc=result.summary["acc_norm"] if norm else result.summary["acc"],
+            acc=result.summary[paper_metric(task)],
             scores=[list(map(float, s)) for s in scores],
             labels=[int(v) for v in result.labels],
         )
@@ -212,15 +225,14 @@ def evaluate_variant(model: nn.Module, tokenizer, settings: CompareSettings, spe
 
 def _context(settings: CompareSettings, progress: bool) -> tuple[nn.Module, object, dict]:
     model, tokenizer = load_model(settings.model)
-    total = settings.calib_windows + settings.train_windows + settings.val_windows
-    ids = load_windows(tokenizer, settings.calib, settings.seqlen, total)
-    calib = ids[: settings.calib_windows]
+    sizes = settings.calib_windows, settings.train_windows, settings.val_windows
+    calib, train, val = load_split(tokenizer, settings.calib, settings.seqlen, *sizes)
     scores = block_scores(model, calib, settings.batch_size, progress=progress)
     lr = scores.lr()  # the block capture already holds every layer's input/output cosine
     ctx = dict(
         calib_ids=calib,
-        train_ids=ids[settings.calib_windows : -settings.val_windows],
-        val_ids=ids[-settings.val_windows :],
+        train_ids=train,
+        val_ids=val,
         scores=scores,
         lr=lr,
     )

@@ -40,6 +40,7 @@ from helpers.evaluation import speed, stats
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.speed import WORKLOADS
 from helpers.evaluation.stats import accuracy_se, perplexity_interval
+from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
 from helpers.evaluation.zeroshot import evaluate_task, in_dtype
 from helpers.experiments import sweeps
 from helpers.experiments.compare import CompareSettings, compare
@@ -48,11 +49,10 @@ from helpers.experiments.results import CellCache, Manifest
 from helpers.experiments.sweeps import sb_values
 from helpers.infra.integrity import code_fingerprint
 from helpers.infra.storage import DATA_DIR, FIGURES_DIR, cache_key, slug, write_csv_atomic, write_text_atomic
-from helpers.infra.textdata import load_windows
+from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, load_split, load_windows
 from helpers.models.loading import DEFAULT_MODEL
 from helpers.ui import plots
 
-TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande")
 MODEL_NAME = "SmolLM2-135M-Instruct, Q4_1 weights dequantised to float32"  # the default model, named exactly
 # The modules whose source shapes a sweep cell's numbers: a change to any of them computes fresh cells.
 CELL_CODE = (
@@ -69,7 +69,6 @@ CELL_CODE = (
     "helpers.experiments.sweeps",
     "helpers.experiments.reproduce",
 )
-ACC_ONLY = ("winogrande",)  # SliceGPT reports acc for WinoGrande and acc_norm for the rest
 
 
 @dataclass(frozen=True)
@@ -77,16 +76,16 @@ class Settings:
     """Everything that determines the numbers; the relevant fields key every cached cell."""
 
     model: str = DEFAULT_MODEL
-    calib_text: str = "pride-and-prejudice"  # LR and PCA calibration
-    select_text: str = "pride-and-prejudice"  # picks the best SB: the windows after the calibration ones
-    eval_texts: tuple[str, ...] = ("great-expectations", "twenty-thousand-leagues", "war-of-the-worlds")  # held out
+    calib_text: str = CALIB_TEXT  # LR and PCA calibration
+    select_text: str = CALIB_TEXT  # picks the best SB: the windows after the calibration ones
+    eval_texts: tuple[str, ...] = (EVAL_TEXT, "twenty-thousand-leagues", "war-of-the-worlds")  # held out
     seqlen: int = 256
     calib_windows: int = 32
     select_windows: int = 8
     eval_windows: int = 16  # per held-out book
     sps: tuple[float, ...] = (0.30, 0.35, 0.40)
     sb_step: float = 0.15
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = PAPER_TASKS
     limit: int | None = 200  # questions per task; None = the whole validation split
     task_limits: tuple[tuple[str, int], ...] = ()  # per-task overrides of `limit`
     dtype: str = "bfloat16"  # zero-shot scoring only; slicing and PCA stay float32/float64
@@ -143,7 +142,7 @@ SIZES: dict[str, Settings] = {
         calib_windows=4,
         select_windows=2,
         eval_windows=2,
-        eval_texts=("great-expectations", "war-of-the-worlds"),
+        eval_texts=(EVAL_TEXT, "war-of-the-worlds"),
         sps=(0.3,),
         sb_step=0.3,
         tasks=("piqa", "winogrande"),
@@ -164,7 +163,7 @@ class Lab:
         self.model, self.tokenizer = load_model(s.model, device="cpu")
         self.calib = load_windows(self.tokenizer, s.calib_text, s.seqlen, s.calib_windows)
         skip = s.calib_windows if s.select_text == s.calib_text else 0  # never select on calibration windows
-        self.select = load_windows(self.tokenizer, s.select_text, s.seqlen, skip + s.select_windows)[skip:]
+        _, self.select = load_split(self.tokenizer, s.select_text, s.seqlen, skip, s.select_windows)
         if s.select_text in s.eval_texts:
             raise ValueError(f"The selection text {s.select_text!r} must not be an evaluation text.")
         self.eval = torch.cat([load_windows(self.tokenizer, t, s.seqlen, s.eval_windows) for t in s.eval_texts])
@@ -240,11 +239,6 @@ def sweep(lab: Lab, cache: CellCache | None = None) -> pd.DataFrame:
         row = {"method": method, "sp": sp, "sb": sb, "sliced_sp": sliced_sp, "realised_slice": realised}
         rows.append({**row, **result})
     return flatten(rows, s.tasks)
-
-
-def paper_metric(task: str) -> str:
-    """The metric SliceGPT and the dynamic-slicing paper report for a task."""
-    return "acc" if task in ACC_ONLY else "acc_norm"
 
 
 RAW = ("tasks", "eval_window_nll", "eval_window_tokens")  # per-question and per-window records of a cell

@@ -30,6 +30,8 @@ GUTENBERG_BOOKS: dict[str, str] = {
     "twenty-thousand-leagues": "Twenty Thousand Leagues under the Sea",
 }
 ONLINE_SOURCES = ("wikitext2", "pg19")
+CALIB_TEXT = "pride-and-prejudice"  # default calibration text (LR, PCA) and SB-selection text
+EVAL_TEXT = "great-expectations"  # default held-out text for perplexity
 BOOKS_RDA = DATA_DIR / "downloads" / "tidytext" / "usr/lib/R/site-library/tidytext/extdata/books.rda"
 BOOKS_DIR = DATA_DIR / "gutenberg"
 SETUP_HINT = "run `make setup` (it fetches the Debian package r-cran-tidytext into data/downloads)"
@@ -154,6 +156,11 @@ def token_windows(tokenizer, text: str, seqlen: int, n_windows: int | None = Non
 def load_windows(tokenizer, source: str, seqlen: int, n_windows: int | None = None) -> torch.Tensor:
     """`token_windows` over `load_text(source)`."""
     return token_windows(tokenizer, load_text(source), seqlen, n_windows)
+
+
+def load_split(tokenizer, source: str, seqlen: int, *sizes: int) -> list[torch.Tensor]:
+    """Consecutive groups of windows of one text (e.g. calibration, training, validation), disjoint by construction."""
+    return split_windows(load_windows(tokenizer, source, seqlen, sum(sizes)), *sizes)
 
 
 def split_windows(ids: torch.Tensor, *sizes: int) -> list[torch.Tensor]:
