@@ -170,7 +170,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 @command("compare", _compare_args)
 def run_compare(args: argparse.Namespace) -> int:
     """Depth pruning vs slicing at matched parameter counts; writes data/runs/depth_comparison.{csv,md}."""
-    from helpers.experiments.compare import CompareSettings, compare, write_table
+    from helpers.experiments.compare import DEPTH_TABLE, CompareSettings, compare
+    from helpers.infra.storage import write_table
 
     settings = CompareSettings(
         model=args.model,
@@ -181,7 +182,7 @@ def run_compare(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
     )
     table, _ = compare(settings)
-    written = write_table(table)
+    written = write_table(table, DEPTH_TABLE)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {', '.join(map(str, written))}")
     return 0

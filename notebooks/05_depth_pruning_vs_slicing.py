@@ -194,13 +194,14 @@ for name, m in (("dense", model), (f"pruned ({len(get_adapter(reloaded).layers(r
 # from `python -m helpers reproduce`, whose settings are printed with it below.
 
 # %%
-from helpers.experiments.compare import CompareSettings, compare, write_table
+from helpers.experiments.compare import DEPTH_TABLE, CompareSettings, compare
+from helpers.infra.storage import write_table
 
 compare_settings = CompareSettings(model=MODEL, calib=CALIB, seqlen=SEQLEN, calib_windows=WINDOWS)
 print(f"budget: constant slicing at {compare_settings.slice_fraction}, dynamic with SB = {compare_settings.base_slice}")
 if RUN_COMPARISON:
     table, raw = compare(compare_settings)
-    write_table(table)
+    write_table(table, DEPTH_TABLE)
     display(Markdown(table.to_markdown(index=False, floatfmt=".3f")))
     for cell in raw["cells"].values():
         if "history" in cell["info"]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import gc
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,10 +41,12 @@ from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
 from helpers.evaluation.zeroshot import evaluate
 from helpers.experiments.results import CellCache
 from helpers.infra.integrity import code_fingerprint
-from helpers.infra.storage import DATA_DIR, write_csv_atomic, write_text_atomic
+from helpers.infra.storage import DATA_DIR
 from helpers.infra.textdata import load_split
 from helpers.models.adapters import get_adapter
 from helpers.models.loading import DEFAULT_MODEL
+
+DEPTH_TABLE = DATA_DIR / "runs" / "depth_comparison"  # where the CLI and notebook 05 write the table (CSV + Markdown)
 
 # The modules whose source shapes a comparison cell: a change to any of them computes fresh cells.
 COMPARE_CODE = (
@@ -305,11 +306,3 @@ def comparison_table(cells: dict[str, dict], plan_: dict, reference: str = "dyna
         )
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def write_table(table: pd.DataFrame, stem: str | Path = DATA_DIR / "runs" / "depth_comparison") -> list[Path]:
-    """The table as CSV and as Markdown; under data/runs/ unless told (only `reproduce` writes into figures/)."""
-    stem = Path(stem)
-    csv = write_csv_atomic(table, stem.with_suffix(".csv"))
-    md = write_text_atomic(stem.with_suffix(".md"), table.to_markdown(index=False, floatfmt=".3f") + "\n")
-    return [csv, md]

@@ -44,11 +44,11 @@ from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
 from helpers.evaluation.zeroshot import evaluate_task, in_dtype
 from helpers.experiments import sweeps
 from helpers.experiments.compare import CompareSettings, compare
-from helpers.experiments.compare import write_table as write_depth
 from helpers.experiments.results import CellCache, Manifest
 from helpers.experiments.sweeps import sb_values
+from helpers.infra import storage
 from helpers.infra.integrity import code_fingerprint
-from helpers.infra.storage import DATA_DIR, FIGURES_DIR, cache_key, slug, write_csv_atomic, write_text_atomic
+from helpers.infra.storage import DATA_DIR, FIGURES_DIR, cache_key, slug, write_text_atomic
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, load_split, load_windows
 from helpers.models.loading import DEFAULT_MODEL
 from helpers.ui import plots
@@ -347,18 +347,9 @@ def comparison_statements(table: pd.DataFrame, model: str = MODEL_NAME) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(table: pd.DataFrame, digits: int = 3) -> str:
-    """A Markdown table with fixed precision (percent-looking columns stay fractions)."""
-    return table.to_markdown(index=False, floatfmt=f".{digits}f") + "\n"
-
-
 def write_table(table: pd.DataFrame, stem: Path, manifest: Manifest, step: str, **params) -> list[Path]:
-    """Write `stem`.csv and `stem`.md atomically and record both (without the per-question `raw` column)."""
-    table = table.drop(columns=["raw"], errors="ignore")
-    files = [
-        write_csv_atomic(table, stem.with_suffix(".csv")),
-        write_text_atomic(stem.with_suffix(".md"), markdown(table)),
-    ]
+    """`storage.write_table` (without the per-question `raw` column), then both files recorded in the manifest."""
+    files = storage.write_table(table.drop(columns=["raw"], errors="ignore"), stem)
     manifest.record(files, step, **params)
     return files
 
@@ -486,7 +477,7 @@ def depth_comparison(settings: Settings, sb: float, out: Path, manifest: Manifes
     )
     table, _ = compare(compare_settings, progress=progress)
     manifest.record(
-        write_depth(table, out / "depth_comparison"), "depth_comparison", **dataclasses.asdict(compare_settings)
+        storage.write_table(table, out / "depth_comparison"), "depth_comparison", **dataclasses.asdict(compare_settings)
     )
     return table
 

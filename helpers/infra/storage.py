@@ -161,6 +161,13 @@ def write_csv_atomic(table, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def write_table(table, stem: str | os.PathLike, digits: int = 3) -> list[Path]:
+    """Write a DataFrame as `stem`.csv and as a Markdown table `stem`.md (fixed precision), both atomically."""
+    stem = Path(stem)
+    markdown = table.to_markdown(index=False, floatfmt=f".{digits}f") + "\n"
+    return [write_csv_atomic(table, stem.with_suffix(".csv")), write_text_atomic(stem.with_suffix(".md"), markdown)]
+
+
 def cache_key(**parts: Any) -> str:
     """A short, stable, filesystem-safe key for a set of named parameters."""
     blob = json.dumps(parts, sort_keys=True, default=str)
