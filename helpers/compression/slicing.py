@@ -527,7 +527,8 @@ def untie_sliced(model: nn.Module) -> nn.Module:
     dtype = embedding.table.weight.dtype
     with torch.no_grad():
         new_embedding = nn.Embedding(table.shape[0], embedding.proj.out_features, dtype=dtype)
-        new_embedding.weight = nn.Parameter((table @ embedding.proj.weight.double().T).to(dtype), requires_grad=False)
+        rows = adapter.embedding_scale(model) * table @ embedding.proj.weight.double().T  # the table module's scale
+        new_embedding.weight = nn.Parameter(rows.to(dtype), requires_grad=False)
         new_head = nn.Linear(table.shape[1], table.shape[0], bias=False, dtype=dtype)
         set_linear(new_head, table * head.scale.double())
     adapter.set_embedding(model, new_embedding.to(table.device))
