@@ -86,7 +86,8 @@ def test_speed_functions_return_positive_rates():
 
 
 def test_ledger_counts_a_streamline_replacement_block():
-    from helpers.compression.replacement import build_replacement, streamline
+    from helpers.compression.replacement import streamline
+    from helpers.models.pruned_layers import build_replacement
 
     model = tiny_model("llama")
     block = build_replacement("swiglu", model.config.hidden_size, 32)

@@ -17,12 +17,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from helpers.compression.depth import renumber_layers
-from helpers.compression.replacement import build_replacement
 from helpers.compression.slicing import SLICING_FILE, load_sliced
 from helpers.infra.integrity import CHECKSUM_FIELD, IntegrityError, folder_checksums, read_metadata, verify_checksums
 from helpers.infra.storage import atomic_path, write_json_atomic
 from helpers.models.adapters import get_adapter
 from helpers.models.loading import DEFAULT_MODEL, load_dense, pick_device, resolve_model, with_bos
+from helpers.models.pruned_layers import build_replacement
+from helpers.models.shareable import pruned_spec, write_shareable
 
 PRUNING_FILE = "pruning.json"
 
@@ -53,6 +54,7 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, info: dict) -> 
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_shareable(tmp, pruned_spec(model, info.get("replacement")))  # plain transformers loads it too
         write_json_atomic(tmp / PRUNING_FILE, {**info, CHECKSUM_FIELD: folder_checksums(tmp)})  # verified on load
     return folder
 

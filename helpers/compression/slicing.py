@@ -54,6 +54,7 @@ from helpers.infra.integrity import (
 from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
 from helpers.models.loading import pick_device
+from helpers.models.shareable import sliced_spec, write_shareable
 from helpers.models.sliced_layers import (
     RotatedEmbedding,
     TiedHead,
@@ -593,7 +594,7 @@ def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool) -
 
 
 def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
-    """Write a sliced model to `folder`: model.safetensors, config.json, slicing.json, tokenizer files.
+    """Write a sliced model to `folder`: model.safetensors, config.json, slicing.json, tokenizer files, modeling_lab.py.
 
     The folder appears only when everything is written (helpers.infra.storage.atomic_path).
     """
@@ -607,6 +608,7 @@ def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_shareable(tmp, sliced_spec(model))  # plain transformers loads it too (trust_remote_code=True)
         meta = {
             "format_version": FORMAT_VERSION,
             "model_type": model.config.model_type,
