@@ -38,7 +38,8 @@ $(BOOKS):
 browser:
 	@$(SUDO) bash .ci/install_chromium.sh || echo "Chromium could not be installed: the browser test will be skipped."
 
-test: install books browser  ## the whole test suite (what CI runs)
+test: install books browser  ## the import layers, then the whole test suite (what CI runs)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 book: install books  ## execute every lesson (reduced mode) and build the static site into _build/book/_build/html
@@ -47,5 +48,5 @@ book: install books  ## execute every lesson (reduced mode) and build the static
 book-fast: install books  ## the same in fast mode (HELPERS_FAST=1), as the test suite builds it
 	$(PY) -m helpers book --mode fast
 
-lint:
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+lint:  ## ruff, and import-linter's layer contracts (pyproject.toml): imports only go down the pipeline
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports --no-cache

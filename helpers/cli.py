@@ -9,7 +9,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from helpers.models import DEFAULT_MODEL
+from helpers.evaluation.tasks import PAPER_TASKS
+from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT
+from helpers.models.loading import DEFAULT_MODEL
+
+# Each command imports what it needs inside its function: `--help`, argument errors and
+# the light commands then start without loading every stage (matplotlib, lm-eval tables, ...).
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -91,9 +96,9 @@ def _lr_args(p: argparse.ArgumentParser) -> None:
 @command("lr", _lr_args)
 def run_lr(args: argparse.Namespace) -> int:
     """Compute Layer Redundancy and write the CSV plus a plot of the curve next to it."""
-    from helpers import plots
-    from helpers.redundancy import cached_layer_redundancy
-    from helpers.storage import RUNS_DIR, figure_stem, slug, write_csv_atomic
+    from helpers.analysis.redundancy import cached_layer_redundancy
+    from helpers.infra.storage import RUNS_DIR, figure_stem, slug, write_csv_atomic
+    from helpers.ui import plots
 
     table = cached_layer_redundancy(args.model, args.text, args.seqlen, args.windows, args.batch_size)
     out = args.out or RUNS_DIR / f"lr_{slug(args.model)}.csv"
@@ -122,19 +127,20 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
 @command("prune", _prune_args)
 def run_prune(args: argparse.Namespace) -> int:
     """Depth-prune a model (ShortGPT, angular distance or LLM-Streamline) and save it as a loadable folder."""
-    from helpers import plots
-    from helpers.depth import cached_block_scores, parameter_count, save_pruned
-    from helpers.models import load_model
-    from helpers.replacement import prune_model
-    from helpers.textdata import load_windows
+    from helpers.analysis.block_scores import cached_block_scores
+    from helpers.compression.checkpoints import load_model, save_pruned
+    from helpers.compression.depth import parameter_count
+    from helpers.compression.replacement import prune_model
+    from helpers.infra.textdata import load_split
+    from helpers.ui import plots
 
     model, tokenizer = load_model(args.model)
     before = parameter_count(model)
     scores = cached_block_scores(args.model, args.calib, args.seqlen, args.windows, model=model, tokenizer=tokenizer)
     train = val = None
     if args.replacement != "none":  # windows after the scoring ones, so the replacement sees fresh text
-        ids = load_windows(tokenizer, args.calib, args.seqlen, args.windows + args.train_windows + args.val_windows)
-        train, val = ids[args.windows : args.windows + args.train_windows], ids[args.windows + args.train_windows :]
+        sizes = args.windows, args.train_windows, args.val_windows
+        _, train, val = load_split(tokenizer, args.calib, args.seqlen, *sizes)
     model, info, history = prune_model(
         model, scores, args.method, args.n, args.replacement, train, val, max_steps=args.max_steps
     )
@@ -164,7 +170,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 @command("compare", _compare_args)
 def run_compare(args: argparse.Namespace) -> int:
     """Depth pruning vs slicing at matched parameter counts; writes data/runs/depth_comparison.{csv,md}."""
-    from helpers.compare import CompareSettings, compare, write_table
+    from helpers.experiments.compare import DEPTH_TABLE, CompareSettings, compare
+    from helpers.infra.storage import write_table
 
     settings = CompareSettings(
         model=args.model,
@@ -175,7 +182,7 @@ def run_compare(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
     )
     table, _ = compare(settings)
-    written = write_table(table)
+    written = write_table(table, DEPTH_TABLE)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {', '.join(map(str, written))}")
     return 0
@@ -195,9 +202,9 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
 @command("allocate", _allocate_args)
 def run_allocate(args: argparse.Namespace) -> int:
     """Per-layer slice fractions and kept dimensions from LR scores for a mean slice SP and base slice SB."""
-    from helpers import plots
-    from helpers.allocation import ModelShape, allocate, allocation_table, param_summary, read_lr_csv
-    from helpers.storage import RUNS_DIR, figure_stem, write_csv_atomic
+    from helpers.compression.allocation import ModelShape, allocate, allocation_table, param_summary, read_lr_csv
+    from helpers.infra.storage import RUNS_DIR, figure_stem, write_csv_atomic
+    from helpers.ui import plots
 
     shape = ModelShape.from_pretrained(args.model)
     lr = read_lr_csv(args.lr)
@@ -225,7 +232,7 @@ def run_allocate(args: argparse.Namespace) -> int:
 
 def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (sliced models too) or Hugging Face id")
-    p.add_argument("--tasks", default="piqa,hellaswag,arc_easy,arc_challenge,winogrande", help="comma-separated")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated")
     p.add_argument("--limit", type=positive_int, default=None, help="score the first N questions of each task")
     p.add_argument("--batch-size", type=positive_int, default=8, help="(context, option) rows per forward pass")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="scoring precision")
@@ -237,10 +244,10 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot multiple-choice accuracy (acc, acc_norm, n per task) in the lm-evaluation-harness convention."""
     import torch
 
-    from helpers.models import load_model
-    from helpers.storage import RUNS_DIR, slug, write_json_atomic
-    from helpers.tasks import load_task
-    from helpers.zeroshot import evaluate_task, in_dtype
+    from helpers.compression.checkpoints import load_model
+    from helpers.evaluation.tasks import load_task
+    from helpers.evaluation.zeroshot import evaluate_task, in_dtype
+    from helpers.infra.storage import RUNS_DIR, slug, write_json_atomic
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -265,7 +272,7 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--sp", type=fraction, required=True, help="mean slice fraction, e.g. 0.3")
     p.add_argument("--sb", type=fraction, default=None, help="base slice (default SP: constant slicing)")
-    p.add_argument("--calib", default="pride-and-prejudice", help="text name or .txt file for calibration")
+    p.add_argument("--calib", default=CALIB_TEXT, help="text name or .txt file for calibration")
     p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--calib-windows", type=positive_int, default=64)
     p.add_argument(
@@ -282,10 +289,10 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
 @command("slice", _slice_args)
 def run_slice(args: argparse.Namespace) -> int:
     """Slice a model (constant when SB = SP, dynamic by Layer Redundancy otherwise) and save it."""
-    from helpers.ledger import ledger_totals, parameter_ledger
-    from helpers.models import load_model
-    from helpers.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
-    from helpers.textdata import load_windows
+    from helpers.compression.checkpoints import load_model
+    from helpers.compression.ledger import ledger_totals, parameter_ledger
+    from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+    from helpers.infra.textdata import load_windows
 
     sb = args.sp if args.sb is None else args.sb
     model, tokenizer = load_model(args.model, device="cpu")
@@ -293,7 +300,7 @@ def run_slice(args: argparse.Namespace) -> int:
     if sb == args.sp:
         dims = constant_dims(model, args.sp)
     else:
-        from helpers.redundancy import cached_layer_redundancy
+        from helpers.analysis.redundancy import cached_layer_redundancy
 
         lr_text = args.lr_text or args.calib
         lr = cached_layer_redundancy(args.model, lr_text, args.calib_seqlen, args.calib_windows, args.batch_size)
@@ -315,7 +322,7 @@ def run_slice(args: argparse.Namespace) -> int:
 
 def _ppl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (dense or sliced) or Hugging Face id")
-    p.add_argument("--text", default="great-expectations", help="text name or .txt file")
+    p.add_argument("--text", default=EVAL_TEXT, help="text name or .txt file")
     p.add_argument("--seqlen", type=positive_int, default=512)
     p.add_argument("--windows", type=count, default=32, help="number of windows (0: every full window)")
     p.add_argument("--batch-size", type=positive_int, default=4)
@@ -325,10 +332,10 @@ def _ppl_args(p: argparse.ArgumentParser) -> None:
 @command("ppl", _ppl_args)
 def run_ppl(args: argparse.Namespace) -> int:
     """Perplexity (non-overlapping windows, BOS as the family wants) and the realised parameter count."""
-    from helpers.evaluation import perplexity
-    from helpers.ledger import ledger_totals, parameter_ledger
-    from helpers.models import load_model
-    from helpers.storage import write_json_atomic
+    from helpers.compression.checkpoints import load_model
+    from helpers.compression.ledger import ledger_totals, parameter_ledger
+    from helpers.evaluation.perplexity import perplexity
+    from helpers.infra.storage import write_json_atomic
 
     model, tokenizer = load_model(args.model)
     result = perplexity(model, tokenizer, args.text, args.seqlen, args.windows or None, args.batch_size)
@@ -344,7 +351,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 def _speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (sliced/pruned too) or Hugging Face id")
-    p.add_argument("--text", default="great-expectations", help="text the prompts are cut from")
+    p.add_argument("--text", default=EVAL_TEXT, help="text the prompts are cut from")
     p.add_argument("--prompt", type=positive_int, default=128, help="prompt length in tokens")
     p.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens generated per prompt")
     p.add_argument("--batch-sizes", type=positive_ints, default=[1, 16], help="comma-separated generation batch sizes")
@@ -356,10 +363,10 @@ def run_speed(args: argparse.Namespace) -> int:
     """Prefill throughput, generation tokens/s per batch size and peak memory of one model, in this process."""
     import json
 
-    from helpers.ledger import ledger_totals, parameter_ledger
-    from helpers.models import load_model
-    from helpers.speed import device_name, generation_speed, prefill_throughput
-    from helpers.textdata import load_windows
+    from helpers.compression.checkpoints import load_model
+    from helpers.compression.ledger import ledger_totals, parameter_ledger
+    from helpers.evaluation.speed import device_name, generation_speed, prefill_throughput
+    from helpers.infra.textdata import load_windows
 
     batch_sizes = args.batch_sizes
     model, tokenizer = load_model(args.model)
@@ -376,7 +383,7 @@ def run_speed(args: argparse.Namespace) -> int:
 
 
 def _reproduce_args(p: argparse.ArgumentParser) -> None:
-    from helpers.reproduce import EXECUTORS, SIZES
+    from helpers.experiments.reproduce import EXECUTORS, SIZES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="reduced: < 30 min on 2 CPU cores")
@@ -397,8 +404,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     """Regenerate every figure and table (with a manifest) into figures/; resumable."""
     import dataclasses
 
-    from helpers.reproduce import SIZES, check, reproduce
-    from helpers.storage import FIGURES_DIR
+    from helpers.experiments.reproduce import SIZES, check, reproduce
+    from helpers.infra.storage import FIGURES_DIR
 
     settings = dataclasses.replace(SIZES[args.size], model=args.model)
     if args.no_depth:
@@ -410,11 +417,15 @@ def run_reproduce(args: argparse.Namespace) -> int:
         print(f"largest relative difference against the committed cells: {gap:.2e}")
         return 0
     reproduce(settings, args.out or FIGURES_DIR, executor=args.executor)
+    if settings.rules:  # the rules step builds on reproduce's cells (cached), in the same folder and manifest
+        from helpers.experiments.rules_report import run_rules as rules_step
+
+        rules_step(settings, args.out or FIGURES_DIR)
     return 0
 
 
 def _rules_args(p: argparse.ArgumentParser) -> None:
-    from helpers.reproduce import SIZES
+    from helpers.experiments.reproduce import SIZES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="the reproduce sizes to run at")
@@ -427,8 +438,8 @@ def run_rules(args: argparse.Namespace) -> int:
     """Compare allocation rules at matched size and SB selection rules on unseen data; resumable."""
     import dataclasses
 
-    from helpers.reproduce import SIZES
-    from helpers.rules_report import run_rules as run
+    from helpers.experiments.reproduce import SIZES
+    from helpers.experiments.rules_report import run_rules as run
 
     settings = dataclasses.replace(SIZES[args.size], model=args.model)
     sps = tuple(args.sps or settings.rules_sps)
@@ -439,7 +450,7 @@ def run_rules(args: argparse.Namespace) -> int:
 
 def _outputs(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
     """Every path the command will write that the user named, with its kind (None: a file)."""
-    from helpers.storage import FIGURE_SUFFIXES, figure_stem
+    from helpers.infra.storage import FIGURE_SUFFIXES, figure_stem
 
     out = getattr(args, "out", None)
     if out is None or args.command in ("reproduce", "rules"):
@@ -456,7 +467,7 @@ def _outputs(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
 
 def _check_text(name: str | None, flag: str) -> None:
     """A text argument must be a known name or an existing file (not a folder)."""
-    from helpers.textdata import text_sources
+    from helpers.infra.textdata import text_sources
 
     if name is None or name in text_sources():
         return
@@ -471,9 +482,9 @@ def preflight(args: argparse.Namespace) -> None:
     """Check every argument, input, output path and the device before any model loads or computing starts."""
     from transformers import AutoConfig
 
-    from helpers.integrity import check_calibration_tokens, check_device
-    from helpers.models import UnknownModelError, resolve_model
-    from helpers.storage import check_not_input, check_output
+    from helpers.infra.integrity import check_calibration_tokens, check_device
+    from helpers.infra.storage import check_not_input, check_output
+    from helpers.models.loading import UnknownModelError, resolve_model
 
     if os.environ.get("HELPERS_DEVICE"):
         check_device(os.environ["HELPERS_DEVICE"], "HELPERS_DEVICE")
@@ -506,7 +517,7 @@ def preflight(args: argparse.Namespace) -> None:
 
 
 def _book_args(p: argparse.ArgumentParser) -> None:
-    from helpers.book import DEFAULT_OUT, MODES
+    from helpers.ui.book import DEFAULT_OUT, MODES
 
     p.add_argument("--mode", choices=sorted(MODES), default="reduced", help="fast: HELPERS_FAST=1, as CI runs it")
     _out_args(p, "book", f"build folder (default {DEFAULT_OUT}; the site lands in OUT/_build/html)")
@@ -515,7 +526,7 @@ def _book_args(p: argparse.ArgumentParser) -> None:
 @command("book", _book_args)
 def run_book(args: argparse.Namespace) -> int:
     """Execute every lesson once and build the static site (Jupyter Book) with the gallery and tables."""
-    from helpers.book import DEFAULT_OUT, build
+    from helpers.ui.book import DEFAULT_OUT, build
 
     report = build(args.mode, args.out or DEFAULT_OUT)
     for name, seconds in report.seconds.items():

@@ -55,12 +55,12 @@ BOOKS = ("pride-and-prejudice", "war-of-the-worlds")
 # %%
 from IPython.display import Markdown, display
 
-from helpers import plots
-from helpers.capture import collect_hidden_states
-from helpers.models import load_model
-from helpers.readings import read_agreement, read_lr_profile
-from helpers.redundancy import cached_layer_redundancy, state_norms, token_cosine_map
-from helpers.textdata import load_windows
+from helpers.analysis.capture import collect_hidden_states
+from helpers.analysis.redundancy import cached_layer_redundancy, state_norms, token_cosine_map
+from helpers.compression.checkpoints import load_model
+from helpers.experiments.readings import read_agreement, read_lr_profile
+from helpers.infra.textdata import load_windows
+from helpers.ui import plots
 
 model, tokenizer = load_model(MODEL)
 print(
@@ -174,7 +174,7 @@ display(Markdown(read_agreement(float(abs(a - b).max()), float(a.max() - a.min()
 # <details><summary>Solution</summary>
 #
 # Take `ids = load_windows(tokenizer, TEXT, SEQLEN, WINDOWS)`, permute each row with
-# `ids[i, torch.randperm(SEQLEN)]`, and pass the windows to `helpers.redundancy.layer_redundancy`.
+# `ids[i, torch.randperm(SEQLEN)]`, and pass the windows to `helpers.analysis.redundancy.layer_redundancy`.
 # Read it with `read_agreement` as above. Layers whose LR survives the shuffle owe their redundancy
 # to the model (a per-token computation); layers whose LR moves owed it to word order, which is
 # a property of text. Expect the first layer, which rewrites each token's embedding, to stay low.

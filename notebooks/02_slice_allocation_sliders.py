@@ -61,10 +61,10 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from helpers.allocation import ModelShape, allocate, allocation_table, dense_param_count, savings_table
-from helpers.plots import plot_allocation
-from helpers.redundancy import cached_layer_redundancy, lr_cache_path
-from helpers.widgets import find_lr_files, slider_app
+from helpers.analysis.redundancy import cached_layer_redundancy, lr_cache_path
+from helpers.compression.allocation import ModelShape, allocate, allocation_table, dense_param_count, savings_table
+from helpers.ui.plots import plot_allocation
+from helpers.ui.widgets import find_lr_files, slider_app
 
 # %% [markdown]
 # ## 1. The scores
@@ -210,7 +210,7 @@ app.box
 #
 # The others get $0.3 \cdot L / (L - 1)$; with $L = 30$ that is 0.310. Compare
 # `allocate(lr["lr"].to_numpy(), 0.3, 0.0, shape.hidden_size).kept_dim` with 576 for layer 0 and
-# `helpers.allocation.kept_dims` of that vector: in our run (LR from 4 x 64 tokens of Gutenberg) they
+# `helpers.compression.allocation.kept_dims` of that vector: in our run (LR from 4 x 64 tokens of Gutenberg) they
 # differ by at most one multiple of 8 except at layers 1, 24 and 29 (424, 416 and 448 dynamic against
 # 400 and 392). Slice both in lesson 03 to see how much of the dynamic gain this keeps.
 #

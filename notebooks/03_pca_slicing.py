@@ -66,14 +66,15 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from helpers import plots
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import layout_ledger, ledger_by_layer, ledger_totals, parameter_ledger
-from helpers.models import load_model
-from helpers.readings import read_difference
-from helpers.redundancy import cached_layer_redundancy
-from helpers.slicing import WeightlessRMSNorm, constant_dims, constant_vs_dynamic, rotate_and_slice, sb_sweep
-from helpers.textdata import load_windows
+from helpers.analysis.redundancy import cached_layer_redundancy
+from helpers.compression.checkpoints import load_model
+from helpers.compression.ledger import layout_ledger, ledger_by_layer, ledger_totals, parameter_ledger
+from helpers.compression.slicing import WeightlessRMSNorm, constant_dims, rotate_and_slice
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.experiments.readings import read_difference
+from helpers.experiments.sweeps import constant_vs_dynamic, sb_sweep
+from helpers.infra.textdata import load_windows
+from helpers.ui import plots
 
 model, tokenizer = load_model(MODEL)
 calib = load_windows(tokenizer, CALIB, CALIB_SEQLEN, CALIB_WINDOWS)
@@ -239,7 +240,7 @@ fig = plots.plot_ledger(ledger_by_layer(parameter_ledger(sliced)).drop(index=["e
 #
 # <details><summary>Solution</summary>
 #
-# Build the dims with `helpers.allocation.kept_dims` (layer 0 at `d`, the others at
+# Build the dims with `helpers.compression.allocation.kept_dims` (layer 0 at `d`, the others at
 # $0.3 \cdot 30/29$), then `rotate_and_slice(copy.deepcopy(model), calib, dims)` and
 # `perplexity_on_ids(sliced, held_out)`. Read the three numbers with `read_difference`. Since the
 # normalised LR is close to 1 except at layers 0, 1, 24 and 29, most of the gap between constant and

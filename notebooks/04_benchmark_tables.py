@@ -22,7 +22,7 @@
 # dynamic). This notebook renders that comparison: zero-shot accuracy against SB (the paper's
 # Figures 2-5), perplexity, and a table of method x SP.
 #
-# Every number comes from `helpers.reproduce`, which caches one result per (SP, SB) cell under
+# Every number comes from `helpers.experiments.reproduce`, which caches one result per (SP, SB) cell under
 # `data/cache/sweep/`: after `python -m helpers reproduce` has run, this notebook only reads.
 # Change SP, tasks or the question limit below and it computes the missing cells (slicing
 # SmolLM2-135M plus evaluation takes a minute or two per cell on a laptop CPU).
@@ -63,7 +63,7 @@
 import os
 
 FAST = os.environ.get("HELPERS_FAST", "0") == "1"
-SIZE = "smoke" if FAST else "reduced"  # see helpers.reproduce.SIZES
+SIZE = "smoke" if FAST else "reduced"  # see helpers.experiments.reproduce.SIZES
 MODEL = "smollm2-135m"
 SPS = None  # e.g. (0.30, 0.35, 0.40); None keeps the size's own
 TASKS = None  # e.g. ("piqa", "arc_easy"); None keeps the size's own
@@ -75,10 +75,18 @@ import dataclasses
 import pandas as pd
 from IPython.display import Markdown, display
 
-from helpers import plots
-from helpers.readings import read_results_table, read_speed_table
-from helpers.reproduce import SIZES, Lab, best_dynamic, comparisons_table, reading_intervals, results_table, sweep
-from helpers.storage import FIGURES_DIR
+from helpers.experiments.readings import read_results_table, read_speed_table
+from helpers.experiments.reproduce import (
+    SIZES,
+    Lab,
+    best_dynamic,
+    comparisons_table,
+    reading_intervals,
+    results_table,
+    sweep,
+)
+from helpers.infra.storage import FIGURES_DIR
+from helpers.ui import plots
 
 overrides = {k: v for k, v in {"sps": SPS, "tasks": TASKS, "limit": LIMIT}.items() if v is not None}
 settings = dataclasses.replace(SIZES[SIZE], model=MODEL, **overrides)
@@ -113,7 +121,7 @@ table = results_table(cells, settings.tasks)
 )
 
 # %% [markdown]
-# The reading of this table, generated from its numbers (`helpers.readings`) and their paired 95%
+# The reading of this table, generated from its numbers (`helpers.experiments.readings`) and their paired 95%
 # intervals (dynamic against constant on the same questions and windows; a compressed row against the
 # dense model on the same questions). Each question is worth 1/limit of a task's accuracy, so a gap of
 # one or two questions is "not resolved" unless the interval says otherwise.
@@ -196,7 +204,7 @@ if speed_csv.exists():
 # <details><summary>Solution</summary>
 #
 # The per-question correctness of both models is needed (the sweep cells keep only the summaries, so
-# rerun `helpers.zeroshot.evaluate` on the two models). Draw question indices with replacement
+# rerun `helpers.evaluation.zeroshot.evaluate` on the two models). Draw question indices with replacement
 # (2,000 times, fixed seed), apply the *same* indices to both models, and take the 2.5 and 97.5
 # percentiles of the mean difference. Pass the interval to `read_difference(..., interval=(low, high))`:
 # expect it to include 0 unless the gap is several questions wide.
@@ -208,7 +216,7 @@ if speed_csv.exists():
 #
 # <details><summary>Solution</summary>
 #
-# `helpers.zeroshot.evaluate` returns both metrics per task; compare them. Expect the tasks whose
+# `helpers.evaluation.zeroshot.evaluate` returns both metrics per task; compare them. Expect the tasks whose
 # options differ most in length to move most, because the unnormalised sum penalises long options;
 # check whether that is what you see.
 #
@@ -219,7 +227,7 @@ if speed_csv.exists():
 #
 # <details><summary>Solution</summary>
 #
-# Load both models once; alternate `helpers.speed.generation_speed` calls dense, sliced, dense, ...;
+# Load both models once; alternate `helpers.evaluation.speed.generation_speed` calls dense, sliced, dense, ...;
 # divide each sliced timing by the dense timing next to it and report the median and range of the
 # ratios. Interleaving cancels the slow drifts of a shared machine that a single timing per model
 # (as in the table above) cannot.

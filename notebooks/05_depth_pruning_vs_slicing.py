@@ -65,12 +65,13 @@ import json
 import pandas as pd
 from IPython.display import Markdown, display
 
-from helpers import plots
-from helpers.adapters import get_adapter
-from helpers.depth import METHODS, cached_block_scores, chosen_layers, parameter_count
-from helpers.models import load_model
-from helpers.readings import read_depth_comparison
-from helpers.storage import FIGURES_DIR
+from helpers.analysis.block_scores import METHODS, cached_block_scores, chosen_layers
+from helpers.compression.checkpoints import load_model
+from helpers.compression.depth import parameter_count
+from helpers.experiments.readings import read_depth_comparison
+from helpers.infra.storage import FIGURES_DIR
+from helpers.models.adapters import get_adapter
+from helpers.ui import plots
 
 model, tokenizer = load_model(MODEL)
 layers = model.config.num_hidden_layers
@@ -123,11 +124,10 @@ _ = plots.save_figure(fig, FIGURES_DIR / "depth_chosen_layers.png")
 # the model's causal mask and rotary embeddings.
 
 # %%
-from helpers.replacement import train_replacement
-from helpers.textdata import load_windows, split_windows
+from helpers.compression.replacement import train_replacement
+from helpers.infra.textdata import load_split
 
-ids = load_windows(tokenizer, CALIB, SEQLEN, WINDOWS + TRAIN_WINDOWS + VAL_WINDOWS)
-_, train_ids, val_ids = split_windows(ids, WINDOWS, TRAIN_WINDOWS, VAL_WINDOWS)
+_, train_ids, val_ids = load_split(tokenizer, CALIB, SEQLEN, WINDOWS, TRAIN_WINDOWS, VAL_WINDOWS)
 start = scores.choose("streamline", N)[0]
 modules, histories = {}, {}
 for kind in KINDS:
@@ -159,9 +159,9 @@ pd.DataFrame(
 # %%
 import copy
 
-from helpers.depth import save_pruned
-from helpers.replacement import replacement_info, streamline
-from helpers.storage import DATA_DIR
+from helpers.compression.checkpoints import save_pruned
+from helpers.compression.replacement import replacement_info, streamline
+from helpers.infra.storage import DATA_DIR
 
 kind = KINDS[0]
 pruned = streamline(copy.deepcopy(model), start, N, copy.deepcopy(modules[kind]))
@@ -194,13 +194,14 @@ for name, m in (("dense", model), (f"pruned ({len(get_adapter(reloaded).layers(r
 # from `python -m helpers reproduce`, whose settings are printed with it below.
 
 # %%
-from helpers.compare import CompareSettings, compare, write_table
+from helpers.experiments.compare import DEPTH_TABLE, CompareSettings, compare
+from helpers.infra.storage import write_table
 
 compare_settings = CompareSettings(model=MODEL, calib=CALIB, seqlen=SEQLEN, calib_windows=WINDOWS)
 print(f"budget: constant slicing at {compare_settings.slice_fraction}, dynamic with SB = {compare_settings.base_slice}")
 if RUN_COMPARISON:
     table, raw = compare(compare_settings)
-    write_table(table)
+    write_table(table, DEPTH_TABLE)
     display(Markdown(table.to_markdown(index=False, floatfmt=".3f")))
     for cell in raw["cells"].values():
         if "history" in cell["info"]:
@@ -242,9 +243,9 @@ if committed.exists():
 #
 # <details><summary>Solution</summary>
 #
-# For each $n$: `helpers.depth.remove_layers` on a copy with `scores.choose("shortgpt", n)`, count its
+# For each $n$: `helpers.compression.depth.remove_layers` on a copy with `scores.choose("shortgpt", n)`, count its
 # parameters, and find the slice fraction with the same count from the parameter formulas of
-# `helpers.allocation` (`param_summary` for a few fractions, then interpolate); slice at it and
+# `helpers.compression.allocation` (`param_summary` for a few fractions, then interpolate); slice at it and
 # measure both with `perplexity_on_ids`. Plot both against the parameters removed.
 #
 # </details>

@@ -60,12 +60,14 @@ MEASURE_RULES = not FAST  # slice one model per rule (about a minute each on a l
 import pandas as pd
 from IPython.display import Markdown, display
 
-from helpers import plots, rules, sensitivity
-from helpers.allocation import ModelShape
-from helpers.models import load_model
-from helpers.readings import read_rules_table, read_sb_selection, read_score_agreement
-from helpers.storage import FIGURES_DIR
-from helpers.textdata import load_windows
+from helpers.compression import rules
+from helpers.compression.allocation import ModelShape
+from helpers.compression.checkpoints import load_model
+from helpers.evaluation import sensitivity
+from helpers.experiments.readings import read_rules_table, read_sb_selection, read_score_agreement
+from helpers.infra.storage import FIGURES_DIR
+from helpers.infra.textdata import load_windows
+from helpers.ui import plots
 
 model, tokenizer = load_model(MODEL)
 shape = ModelShape.from_config(model.config)
@@ -150,8 +152,8 @@ pd.DataFrame(allocations).plot(marker="o", ms=3, xlabel="layer", ylabel="kept di
 if MEASURE_RULES:
     import copy
 
-    from helpers.evaluation import perplexity_on_ids
-    from helpers.slicing import rotate_and_slice
+    from helpers.compression.slicing import rotate_and_slice
+    from helpers.evaluation.perplexity import perplexity_on_ids
 
     measured = {}
     for dims in allocations.values():

@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from helpers.adapters import get_adapter
-from helpers.models import DEFAULT_MODEL, load_model
-from helpers.redundancy import layer_redundancy
-from helpers.textdata import load_windows
+from helpers.analysis.redundancy import layer_redundancy
+from helpers.compression.checkpoints import load_model
+from helpers.infra.textdata import load_windows
+from helpers.models.adapters import get_adapter
+from helpers.models.loading import DEFAULT_MODEL
 
 
 def plain_forward(model, ids: torch.Tensor, batch_size: int) -> None:

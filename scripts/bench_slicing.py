@@ -17,23 +17,25 @@ import time
 import pandas as pd
 import torch
 
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import compression, ledger_totals, parameter_ledger
-from helpers.models import DEFAULT_MODEL, load_model, pick_device
-from helpers.redundancy import cached_layer_redundancy
-from helpers.slicing import allocation_dims, rotate_and_slice, sb_sweep
-from helpers.speed import device_name, generation_speed, peak_memory_mb, reset_peak_memory
-from helpers.storage import FIGURES_DIR, write_json_atomic
-from helpers.textdata import load_windows
+from helpers.analysis.redundancy import cached_layer_redundancy
+from helpers.compression.checkpoints import load_model
+from helpers.compression.ledger import compression, ledger_totals, parameter_ledger
+from helpers.compression.slicing import allocation_dims, rotate_and_slice
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.evaluation.speed import device_name, generation_speed, peak_memory_mb, reset_peak_memory
+from helpers.experiments.sweeps import sb_sweep
+from helpers.infra.storage import FIGURES_DIR, write_json_atomic
+from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, load_windows
+from helpers.models.loading import DEFAULT_MODEL, pick_device
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--sp", type=float, default=0.3)
-    p.add_argument("--calib", default="pride-and-prejudice")
+    p.add_argument("--calib", default=CALIB_TEXT)
     p.add_argument("--select", default="war-of-the-worlds", help="book that picks SB")
-    p.add_argument("--eval", default="great-expectations", help="held-out book for perplexity")
+    p.add_argument("--eval", default=EVAL_TEXT, help="held-out book for perplexity")
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers.widgets import find_lr_files, slider_app
+from helpers.ui.widgets import find_lr_files, slider_app
 
 BUDGET_S = 0.150
 

@@ -21,16 +21,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from helpers.models import DEFAULT_MODEL, load_model, pick_device
-from helpers.speed import WORKLOADS, device_name, interleaved_benchmark, speed_markdown, summarise
-from helpers.storage import DATA_DIR, FIGURES_DIR, slug, write_csv_atomic, write_text_atomic
+from helpers.compression.checkpoints import load_model
+from helpers.evaluation.speed import WORKLOADS, device_name, interleaved_benchmark, speed_markdown, summarise
+from helpers.infra.storage import DATA_DIR, FIGURES_DIR, slug, write_csv_atomic, write_text_atomic
+from helpers.infra.textdata import CALIB_TEXT
+from helpers.models.loading import DEFAULT_MODEL, pick_device
 
 
 def sliced_folder(model_name: str, sp: float, sb: float, calib: str, windows: int, seqlen: int) -> Path:
     """Slice the dense model once at (SP, SB) and return the saved folder."""
-    from helpers.redundancy import cached_layer_redundancy
-    from helpers.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
-    from helpers.textdata import load_windows
+    from helpers.analysis.redundancy import cached_layer_redundancy
+    from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+    from helpers.infra.textdata import load_windows
 
     folder = DATA_DIR / "sliced" / "bench_speed" / f"{slug(model_name)}-sp{sp:g}-sb{sb:g}-{calib}-{windows}x{seqlen}"
     if (folder / "slicing.json").exists():
@@ -50,7 +52,7 @@ def main() -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--sp", type=float, default=0.3)
     p.add_argument("--sb", type=float, default=0.0, help="base slice of the dynamic model")
-    p.add_argument("--calib", default="pride-and-prejudice")
+    p.add_argument("--calib", default=CALIB_TEXT)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker (fixed)")

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers import stats
-from helpers.models import load_model
-from helpers.reproduce import MODEL_NAME, paper_metric
-from helpers.tasks import TASKS, datasets_dir
-from helpers.zeroshot import evaluate
+from helpers.compression.checkpoints import load_model
+from helpers.evaluation import stats
+from helpers.evaluation.tasks import TASKS, datasets_dir, paper_metric
+from helpers.evaluation.zeroshot import evaluate
+from helpers.experiments.reproduce import MODEL_NAME
 
 # the harness's own task definitions, relative to lm_eval/tasks/
 HARNESS_TASKS = {

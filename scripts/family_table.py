@@ -17,13 +17,13 @@ import time
 import pandas as pd
 import torch
 
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import ledger_totals, parameter_ledger
-from helpers.models import load_model
-from helpers.redundancy import layer_redundancy
-from helpers.slicing import allocation_dims, constant_dims, rotate_and_slice
-from helpers.storage import write_json_atomic
-from helpers.textdata import load_windows
+from helpers.analysis.redundancy import layer_redundancy
+from helpers.compression.checkpoints import load_model
+from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.infra.storage import write_json_atomic
+from helpers.infra.textdata import CALIB_TEXT, load_windows
 
 
 def parse() -> argparse.Namespace:
@@ -31,7 +31,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--sps", default="0.2,0.25,0.3", help="comma-separated mean slice fractions")
     p.add_argument("--sb", type=float, default=0.1, help="base slice of the dynamic rows")
-    p.add_argument("--calib", default="pride-and-prejudice")
+    p.add_argument("--calib", default=CALIB_TEXT)
     p.add_argument("--eval", default="war-of-the-worlds", help="held-out book for perplexity")
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--eval-windows", type=int, default=4)

@@ -14,20 +14,21 @@ import copy
 import pandas as pd
 import torch
 
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import compression, ledger_totals, parameter_ledger
-from helpers.models import DEFAULT_MODEL, load_model
-from helpers.slicing import constant_dims, rotate_and_slice, untie_sliced
-from helpers.storage import FIGURES_DIR, write_csv_atomic
-from helpers.textdata import load_windows
+from helpers.compression.checkpoints import load_model
+from helpers.compression.ledger import compression, ledger_totals, parameter_ledger
+from helpers.compression.slicing import constant_dims, rotate_and_slice, untie_sliced
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.infra.storage import FIGURES_DIR, write_csv_atomic
+from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, load_windows
+from helpers.models.loading import DEFAULT_MODEL
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--slices", type=float, nargs="+", default=[0.2, 0.25, 0.3])
-    p.add_argument("--calib", default="pride-and-prejudice")
-    p.add_argument("--eval", default="great-expectations")
+    p.add_argument("--calib", default=CALIB_TEXT)
+    p.add_argument("--eval", default=EVAL_TEXT)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy CPU)")
     args = p.parse_args()

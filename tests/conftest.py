@@ -13,7 +13,7 @@ torch.set_num_threads(max(1, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def smollm():
     """(model, tokenizer) of the real default model, SmolLM2-135M, on CPU in float32."""
-    from helpers.models import load_model
+    from helpers.compression.checkpoints import load_model
 
     return load_model(device="cpu")
 
@@ -26,7 +26,7 @@ def tok(smollm):
 @pytest.fixture(scope="session")
 def book_windows(tok):
     """Eight 128-token windows of Pride and Prejudice."""
-    from helpers.textdata import load_windows
+    from helpers.infra.textdata import load_windows
 
     return load_windows(tok, "pride-and-prejudice", 128, 8)
 

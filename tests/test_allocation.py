@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from helpers.allocation import (
+from helpers.compression.allocation import (
     ModelShape,
     allocate,
     allocation_table,
@@ -20,7 +20,7 @@ from helpers.allocation import (
     slice_fractions,
     sliced_param_count,
 )
-from helpers.models import tiny_model
+from helpers.models.loading import tiny_model
 
 scores = arrays(
     np.float64, st.integers(2, 40), elements=st.floats(-1, 1, allow_nan=False, allow_subnormal=False)
@@ -174,8 +174,8 @@ def test_table_and_frozen_result():
 
 
 def test_cli_allocate_writes_table_and_plot(tmp_path, capsys):
+    from helpers.analysis.redundancy import lr_table
     from helpers.cli import main
-    from helpers.redundancy import lr_table
 
     shape = ModelShape.from_pretrained("smollm2-135m")
     lr = np.random.default_rng(1).uniform(0.7, 1.0, shape.n_layers)
@@ -193,8 +193,8 @@ def test_cli_allocate_writes_table_and_plot(tmp_path, capsys):
 
 
 def test_slider_callback_updates_image_and_readout(tmp_path):
-    from helpers.redundancy import lr_table
-    from helpers.widgets import find_lr_files, slider_app
+    from helpers.analysis.redundancy import lr_table
+    from helpers.ui.widgets import find_lr_files, slider_app
 
     shape = ModelShape.from_pretrained("smollm2-135m")
     path, other = tmp_path / "lr_smollm2-135m.csv", tmp_path / "smollm2-135m__other__L8__N1.csv"
@@ -231,7 +231,7 @@ def test_matched_sp_reaches_the_constant_count_within_a_tenth_of_a_percent():
 
 
 def test_allocation_dims_honours_multiple_and_matches_allocate():
-    from helpers.slicing import allocation_dims
+    from helpers.compression.slicing import allocation_dims
 
     lr = np.random.default_rng(3).uniform(0.7, 1.0, 12)
     for multiple in (1, 8, 32):
@@ -242,7 +242,7 @@ def test_allocation_dims_honours_multiple_and_matches_allocate():
 
 
 def test_best_dynamic_never_picks_constant():
-    from helpers.slicing import best_dynamic
+    from helpers.experiments.sweeps import best_dynamic
 
     table = pd.DataFrame(
         {"sp": [0.3, 0.3, 0.3, 0.2, 0.2], "sb": [0.3, 0.2, 0.0, 0.2, 0.1], "perplexity": [10.0, 12.0, 11.0, 5.0, 6.0]}

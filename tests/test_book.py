@@ -8,8 +8,8 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from helpers.book import build, gallery_page, lesson_paths
-from helpers.storage import FIGURES_DIR, atomic_path
+from helpers.infra.storage import FIGURES_DIR, atomic_path
+from helpers.ui.book import build, gallery_page, lesson_paths
 
 LESSONS = [path.stem for path in lesson_paths()]
 REFERENCE_PAGES = ["index", "method", "results", "gallery"]

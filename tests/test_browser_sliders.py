@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers.storage import DATA_DIR, FIGURES_DIR, REPO_ROOT, atomic_path
+from helpers.infra.storage import DATA_DIR, FIGURES_DIR, REPO_ROOT, atomic_path
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "02_slice_allocation_sliders.ipynb"
 

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.capture import collect_hidden_states
-from helpers.depth import block_scores, load_pruned, parameter_count, remove_layers, save_pruned
-from helpers.models import load_model, tiny_model
-from helpers.redundancy import layer_redundancy, token_cosine
-from helpers.replacement import make_replacement, replacement_info, streamline, train_replacement
-from helpers.stability import stability
+from helpers.analysis.block_scores import block_scores
+from helpers.analysis.capture import collect_hidden_states
+from helpers.analysis.redundancy import layer_redundancy, token_cosine
+from helpers.compression.checkpoints import load_model, load_pruned, save_pruned
+from helpers.compression.depth import parameter_count, remove_layers
+from helpers.compression.replacement import make_replacement, replacement_info, streamline, train_replacement
+from helpers.evaluation.stability import stability
+from helpers.models.loading import tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 
@@ -105,7 +107,7 @@ def test_replacement_inserts_saves_and_reloads(kind, tmp_path):
 
 def test_layer_replacement_is_causal():
     """A decoder-layer replacement trained on hidden states must not see future tokens."""
-    from helpers.replacement import _LayerRunner
+    from helpers.compression.replacement import _LayerRunner
 
     model = tiny_model("llama", num_hidden_layers=4)
     runner = _LayerRunner(make_replacement(model, "layer", 1, 2), model)
@@ -139,7 +141,7 @@ def test_stability():
 
 @pytest.mark.slow
 def test_real_model_replacement_beats_identity(smollm, tmp_path):
-    from helpers.textdata import load_windows
+    from helpers.infra.textdata import load_windows
 
     model, tok = smollm
     ids = load_windows(tok, "gutenberg", 128, 10)
@@ -174,7 +176,7 @@ def test_real_model_replacement_beats_identity(smollm, tmp_path):
 
 
 def test_comparison_table_from_cells():
-    from helpers.compare import comparison_table
+    from helpers.experiments.compare import comparison_table
 
     rng = np.random.default_rng(1)
     scores = rng.normal(size=(30, 4)).tolist()

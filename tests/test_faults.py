@@ -26,13 +26,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from helpers import depth, redundancy
+from helpers.analysis import block_scores as depth
+from helpers.analysis import redundancy
 from helpers.cli import main
-from helpers.integrity import IntegrityError, check_calibration_tokens
-from helpers.models import DEFAULT_MODEL, check_model_cache, load_model, resolve_model, tiny_model
-from helpers.results import CellCache
-from helpers.slicing import load_sliced, rotate_and_slice, save_sliced
-from helpers.storage import OutputExistsError, atomic_path
+from helpers.compression.checkpoints import load_model
+from helpers.compression.slicing import load_sliced, rotate_and_slice, save_sliced
+from helpers.experiments.results import CellCache
+from helpers.infra.integrity import IntegrityError, check_calibration_tokens
+from helpers.infra.storage import OutputExistsError, atomic_path
+from helpers.models.loading import DEFAULT_MODEL, check_model_cache, resolve_model, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(
@@ -204,7 +206,7 @@ def test_intact_model_loads_and_damage_is_named(world):
 SAVER = """
 import sys, time
 from pathlib import Path
-from helpers.storage import atomic_path
+from helpers.infra.storage import atomic_path
 with atomic_path(sys.argv[1], kind="sliced") as tmp:
     tmp.mkdir()
     (tmp / "slicing.json").write_text("{}")
@@ -300,7 +302,7 @@ def test_corrupt_depth_cache_entry_is_recomputed(world, lr_cache, caplog):
 
 
 def test_model_cache_damage_is_detected(world, tmp_path):
-    from helpers.models import _record_weights
+    from helpers.models.loading import _record_weights
 
     folder = tmp_path / "cache"
     shutil.copytree(world / "tiny", folder)
@@ -346,7 +348,7 @@ def test_figure_next_to_table_gets_its_own_name(world, tmp_path, lr_cache, capsy
 
 
 def test_corrupt_hidden_state_shard_is_recomputed(tmp_path, caplog):
-    from helpers.replacement import capture_block_pairs, iter_pairs
+    from helpers.compression.replacement import capture_block_pairs, iter_pairs
 
     model = tiny_model()
     ids = torch.randint(0, 128, (5, 8), generator=torch.Generator().manual_seed(0))

@@ -9,22 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import allocation
-from helpers.capture import collect_hidden_states
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import ledger_totals, parameter_ledger
-from helpers.models import load_model
-from helpers.redundancy import layer_redundancy
-from helpers.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
-from helpers.textdata import load_windows
-from helpers.zeroshot import encode_pair, evaluate_task
+from helpers.analysis.capture import collect_hidden_states
+from helpers.analysis.redundancy import layer_redundancy
+from helpers.compression import allocation
+from helpers.compression.checkpoints import load_model
+from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.evaluation.zeroshot import encode_pair, evaluate_task
+from helpers.infra.textdata import load_windows
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def gemma():
-    from helpers.models import MissingWheelError
+    from helpers.models.loading import MissingWheelError
 
     try:
         return load_model("gemma3-270m", device="cpu")

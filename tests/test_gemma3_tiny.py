@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import allocation
-from helpers.adapters import get_adapter
-from helpers.capture import collect_hidden_states
-from helpers.ledger import ledger_totals, parameter_ledger
-from helpers.models import tiny_model
-from helpers.redundancy import layer_redundancy
-from helpers.sliced_layers import PostNormSlicedLayer
-from helpers.slicing import load_sliced, make_rotation_invariant, rotate_and_slice, save_sliced
+from helpers.analysis.capture import collect_hidden_states
+from helpers.analysis.redundancy import layer_redundancy
+from helpers.compression import allocation
+from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.slicing import (
+    load_sliced,
+    make_rotation_invariant,
+    rotate_and_slice,
+    save_sliced,
+    untie_sliced,
+)
+from helpers.models.adapters import get_adapter
+from helpers.models.loading import tiny_model
+from helpers.models.sliced_layers import PostNormSlicedLayer
 
 DIMS = [48, 40, 56, 32, 48, 40]  # six layers: five sliding, one global
 TOL = 1e-4
@@ -106,3 +112,15 @@ def test_lr_leaves_the_bos_out_but_the_pca_keeps_it():
     info = rotate_and_slice(model, ids, [64] * 6, progress=False)
     first = collect_hidden_states(noisy_gemma(tied=False), ids)[0]
     assert info.eigenvalues["attn_0"][0] > 1000 * first.pow(2).sum()  # the BOS direction leads the spectrum
+
+
+def test_untying_keeps_the_embedding_scale():
+    # the tied table is Gemma's scaled embedding module (rows x sqrt(d)); the untied table must carry that factor
+    ids = calib()
+    model = noisy_gemma(tied=True)
+    rotate_and_slice(model, ids, DIMS, progress=False)
+    tied = logits(model, ids)
+    untie_sliced(model)
+    assert not model.slicing_info.tied
+    assert type(get_adapter(model).embedding(model)) is torch.nn.Embedding
+    assert (logits(model, ids) - tied).abs().max() < TOL

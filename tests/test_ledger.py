@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import compression, ledger_by_layer, ledger_totals, parameter_ledger
-from helpers.models import tiny_model
-from helpers.slicing import rotate_and_slice
-from helpers.speed import generation_speed, prefill_throughput
+from helpers.compression.ledger import compression, ledger_by_layer, ledger_totals, parameter_ledger
+from helpers.compression.slicing import rotate_and_slice
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.evaluation.speed import generation_speed, prefill_throughput
+from helpers.models.loading import tiny_model
 
 
 def unique_numel(model) -> int:
@@ -86,7 +86,8 @@ def test_speed_functions_return_positive_rates():
 
 
 def test_ledger_counts_a_streamline_replacement_block():
-    from helpers.replacement import build_replacement, streamline
+    from helpers.compression.replacement import streamline
+    from helpers.models.pruned_layers import build_replacement
 
     model = tiny_model("llama")
     block = build_replacement("swiglu", model.config.hidden_size, 32)
@@ -99,8 +100,8 @@ def test_ledger_counts_a_streamline_replacement_block():
 
 
 def test_layout_ledger_rows_match_unique_parameters_of_each_layout():
-    from helpers.ledger import layout_ledger
-    from helpers.slicing import constant_dims, untie_sliced
+    from helpers.compression.ledger import layout_ledger
+    from helpers.compression.slicing import constant_dims, untie_sliced
 
     model = tiny_model("llama", tie_word_embeddings=True)
     ids = torch.randint(0, 128, (4, 16))

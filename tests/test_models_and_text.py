@@ -7,8 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import models, storage, textdata
-from helpers.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types
+from helpers.infra import storage, textdata
+from helpers.models import loading as models
+from helpers.models.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types
 
 
 def test_unknown_model_name_lists_the_known_ones():
@@ -29,7 +30,7 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
 
     GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="gemma3_text, llama, mistral, opt, qwen2"):
-        models.load_model(str(tmp_path))
+        models.load_dense(str(tmp_path))
     assert supported_model_types() == ["gemma3_text", "llama", "mistral", "opt", "qwen2"]
 
 
@@ -111,3 +112,30 @@ def test_atomic_folder_replaces_only_its_own_kind(tmp_path):
     ):
         tmp.mkdir()
     assert (folder / "weights").read_text() == "second"
+
+
+def test_paths_resolve_to_the_repository():
+    # storage.py sits two packages deep; data/ and figures/ must be the repository's, not helpers/'s
+    assert (storage.REPO_ROOT / "pyproject.toml").is_file()
+    assert storage.DATA_DIR == storage.REPO_ROOT / "data"
+
+
+def test_write_table_writes_csv_and_fixed_precision_markdown(tmp_path):
+    import pandas as pd
+
+    table = pd.DataFrame({"model": ["dense", "sliced"], "ppl": [12.34567, 20.0]})
+    csv, md = storage.write_table(table, tmp_path / "t", digits=2)
+    assert (csv.name, md.name) == ("t.csv", "t.md")
+    pd.testing.assert_frame_equal(pd.read_csv(csv), table)
+    assert "12.35" in md.read_text() and "12.346" not in md.read_text()
+
+
+def test_load_split_gives_consecutive_disjoint_groups(tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text("abcdefghijklmnopqrstuvwx")
+    calib, train, val = textdata.load_split(CharTokenizer(), str(path), 2, 2, 3, 1)
+    ids = textdata.token_windows(CharTokenizer(), path.read_text(), seqlen=2)
+    assert [len(calib), len(train), len(val)] == [2, 3, 1]
+    assert torch.equal(torch.cat([calib, train, val]), ids[:6])
+    with pytest.raises(ValueError, match="5 were asked"):
+        textdata.load_split(CharTokenizer(), str(path), 8, 2, 3)

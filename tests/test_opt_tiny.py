@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import allocation
-from helpers.ledger import ledger_totals, parameter_ledger
-from helpers.models import tiny_model
-from helpers.slicing import load_sliced, make_rotation_invariant, rotate_and_slice, save_sliced
+from helpers.compression import allocation
+from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.slicing import load_sliced, make_rotation_invariant, rotate_and_slice, save_sliced
+from helpers.models.loading import tiny_model
 
 DIMS = [48, 40, 56, 32]
 TOL = 1e-4

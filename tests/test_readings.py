@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from helpers.allocation import ModelShape, dense_param_count, savings_table
-from helpers.readings import (
+from helpers.compression.allocation import ModelShape, dense_param_count, savings_table
+from helpers.experiments.readings import (
     outlier_layers,
     read_accuracy,
     read_depth_comparison,
@@ -19,9 +19,9 @@ from helpers.readings import (
     read_lr_profile,
     read_results_table,
 )
-from helpers.slicing import constant_vs_dynamic
-from helpers.textdata import split_windows
-from helpers.widgets import lr_file_label
+from helpers.experiments.sweeps import constant_vs_dynamic
+from helpers.infra.textdata import split_windows
+from helpers.ui.widgets import lr_file_label
 
 
 def test_lr_profile_names_the_layers_far_from_the_rest():

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.capture import collect_hidden_states, layer_hooks
-from helpers.models import tiny_model
-from helpers.redundancy import layer_redundancy, lr_table, normalise, token_cosine
+from helpers.analysis.capture import collect_hidden_states, layer_hooks
+from helpers.analysis.redundancy import layer_redundancy, lr_table, normalise, token_cosine
+from helpers.models.loading import tiny_model
 
 
 def direct_lr(model, ids: torch.Tensor) -> np.ndarray:
@@ -105,8 +105,8 @@ def test_capture_hooks_are_removed_after_use():
 PEAK_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
-    from helpers.models import load_model
-    from helpers.redundancy import layer_redundancy
+    from helpers.compression.checkpoints import load_model
+    from helpers.analysis.redundancy import layer_redundancy
     model, _ = load_model(device="cpu")
     torch.manual_seed(0)
     windows = int(sys.argv[1])

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import reproduce
-from helpers.reproduce import SIZES, best_dynamic, flatten, results_table
+from helpers.experiments import reproduce
+from helpers.experiments.reproduce import SIZES, best_dynamic, flatten, results_table
 
 
 def cell(method, sp, sb, ppl_select, acc, correct=(1, 0) * 5, nll=(3.0,) * 4):
@@ -127,7 +127,7 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
         raise AssertionError("a cached cell was recomputed")
 
     monkeypatch.setattr(reproduce.Lab, "measure", must_not_run)
-    monkeypatch.setattr("helpers.speed.interleaved_benchmark", must_not_run)
+    monkeypatch.setattr("helpers.evaluation.speed.interleaved_benchmark", must_not_run)
     again = reproduce.reproduce(settings, tmp_path / "again", progress=False)
     pd.testing.assert_frame_equal(again["results"], tables["results"])
 

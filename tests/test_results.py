@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from helpers.integrity import code_fingerprint
-from helpers.results import CellCache, Manifest
+from helpers.experiments.results import CellCache, Manifest
+from helpers.infra.integrity import code_fingerprint
 
 
 def test_cell_cache_computes_once_and_survives_an_interrupted_cell(tmp_path):

@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import rules, sensitivity
-from helpers.allocation import ModelShape, sliced_param_count
-from helpers.sb_selection import selection_summary, selection_trials
-from helpers.slicing import SlicingInfo
+from helpers.compression import rules
+from helpers.compression.allocation import ModelShape, sliced_param_count
+from helpers.compression.slicing import SlicingInfo
+from helpers.evaluation import sensitivity
+from helpers.experiments.sb_selection import selection_summary, selection_trials
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_every_rule_hits_the_budget_within_one_rounding_step(shape, sp):
 
 
 def test_spectral_keeps_the_most_pca_energy_on_the_real_model(smollm, book_windows, shape):
-    from helpers.redundancy import layer_redundancy
+    from helpers.analysis.redundancy import layer_redundancy
 
     model, ids = smollm[0], book_windows  # 1,024 tokens: more than d = 576, so every spectrum has full rank
     spectra = sensitivity.full_spectra(model, ids)
@@ -162,9 +163,9 @@ def _rule_row(rule: str, dims: str, ppl: float, correct: list[int]) -> dict:
 
 
 def test_rules_table_verdicts_come_from_the_paired_intervals():
-    from helpers.readings import read_rules_table
-    from helpers.reproduce import flatten
-    from helpers.rules_report import readme_table, rules_table
+    from helpers.experiments.readings import read_rules_table
+    from helpers.experiments.reproduce import flatten
+    from helpers.experiments.rules_report import readme_table, rules_table
 
     rows = [
         _rule_row("constant", "8 8", 20.0, [0, 1] * 10),

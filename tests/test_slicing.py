@@ -6,11 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers.adapters import UnsupportedArchitectureError
-from helpers.ledger import ledger_totals, parameter_ledger
-from helpers.models import tiny_model
-from helpers.sliced_layers import PreNormSlicedLayer
-from helpers.slicing import (
+from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.slicing import (
     constant_dims,
     load_sliced,
     make_rotation_invariant,
@@ -19,6 +16,9 @@ from helpers.slicing import (
     slice_model,
     untie_sliced,
 )
+from helpers.models.adapters import UnsupportedArchitectureError
+from helpers.models.loading import tiny_model
+from helpers.models.sliced_layers import PreNormSlicedLayer
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 DYNAMIC = [48, 40, 56, 32]  # different kept dims per layer: rectangular shortcuts
@@ -186,7 +186,7 @@ def test_kept_variance_is_a_fraction():
 
 
 def test_ledger_matches_allocation_formula_on_tiny_models():
-    allocation = pytest.importorskip("helpers.allocation")
+    allocation = pytest.importorskip("helpers.compression.allocation")
     for family, tied in [("llama", True), ("llama", False), ("qwen2", False)]:
         model = noisy_model(family, tied=tied)
         shape = allocation.ModelShape.from_config(model.config)

@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.evaluation import perplexity_on_ids
-from helpers.ledger import ledger_totals, parameter_ledger
-from helpers.models import load_model
-from helpers.slicing import constant_dims, load_sliced, make_rotation_invariant, rotate_and_slice, save_sliced
-from helpers.textdata import load_windows
+from helpers.compression.checkpoints import load_model
+from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.slicing import (
+    constant_dims,
+    load_sliced,
+    make_rotation_invariant,
+    rotate_and_slice,
+    save_sliced,
+)
+from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.infra.textdata import load_windows
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +107,7 @@ def test_ledger_counts_unique_parameters(dense, sliced_tied):
 
 
 def test_parameter_count_equals_allocation_formula(dense, sliced_tied):
-    allocation = pytest.importorskip("helpers.allocation")
+    allocation = pytest.importorskip("helpers.compression.allocation")
     shape = allocation.ModelShape.from_config(dense[0].config)
     assert shape.tied_embeddings
     assert ledger_totals(parameter_ledger(dense[0]))["total"] == allocation.dense_param_count(shape)["total"]
@@ -135,8 +141,8 @@ def test_save_and_reload(dense, sliced_tied, held_out, tmp_path):
 
 
 def test_sb_equal_sp_reproduces_constant_slicing(dense, calib, held_out):
-    pytest.importorskip("helpers.allocation")
-    from helpers.slicing import allocation_dims
+    pytest.importorskip("helpers.compression.allocation")
+    from helpers.compression.slicing import allocation_dims
 
     lr = np.linspace(0.5, 0.99, dense[0].config.num_hidden_layers) ** 2  # any scores: SB = SP ignores them
     dims = allocation_dims(lr, sp=0.3, sb=0.3, hidden_size=576)

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.models import tiny_model
-from helpers.slicing import rotate_and_slice, save_sliced
-from helpers.speed import Workload, interleaved_benchmark, speed_markdown, summarise
+from helpers.compression.slicing import rotate_and_slice, save_sliced
+from helpers.evaluation.speed import Workload, interleaved_benchmark, speed_markdown, summarise
+from helpers.models.loading import tiny_model
 
 
 def test_summary_pairs_each_sample_with_dense_from_the_same_round():

@@ -7,7 +7,7 @@ from math import comb
 import numpy as np
 import pytest
 
-from helpers import stats
+from helpers.evaluation import stats
 
 
 def test_accuracy_se_is_the_harness_formula():

@@ -15,15 +15,22 @@ import pyarrow as pa
 import pytest
 import torch
 
-from helpers import tasks as T
-from helpers.models import tiny_model
-from helpers.zeroshot import TaskResult, evaluate_task, lm_eval_harness, score_rows, score_rows_shared, summarise
+from helpers.evaluation import tasks as T
+from helpers.evaluation.zeroshot import (
+    TaskResult,
+    evaluate_task,
+    lm_eval_harness,
+    score_rows,
+    score_rows_shared,
+    summarise,
+)
+from helpers.models.loading import tiny_model
 
 SLICES = dict.fromkeys(["piqa", "winogrande", "copa", "arc_easy", "arc_challenge", "hellaswag", "boolq"], 50)
 
 
 def raw_rows(task: str, n: int) -> list[dict]:
-    """The first n rows of a task's arrow file, read here independently of helpers.tasks."""
+    """The first n rows of a task's arrow file, read here independently of helpers.evaluation.tasks."""
     folder = T.datasets_dir() / T.TASKS[task][0]
     (path,) = folder.glob("*.arrow")
     return pa.ipc.open_stream(path).read_all().slice(0, n).to_pylist()
@@ -78,9 +85,9 @@ def test_acc_norm_divides_by_character_length(monkeypatch):
     assert q.norm_lengths() == [2, 8]  # characters of the option, without the delimiter space
     assert T.Question("Q:", ["é", "ab"], label=0).norm_lengths() == [1, 2]  # characters, not UTF-8 bytes
     # sum favours option 0 (-3 > -4); per character option 1 wins (-0.5 > -1.5)
-    monkeypatch.setattr("helpers.zeroshot.load_task", lambda task, limit: [q, q])
+    monkeypatch.setattr("helpers.evaluation.zeroshot.load_task", lambda task, limit: [q, q])
     monkeypatch.setattr(
-        "helpers.zeroshot.score_questions", lambda *a, **k: [np.array([-3.0, -4.0]), np.array([-3.0, -4.0])]
+        "helpers.evaluation.zeroshot.score_questions", lambda *a, **k: [np.array([-3.0, -4.0]), np.array([-3.0, -4.0])]
     )
     result = evaluate_task(None, None, "piqa", 2)
     assert result.summary == {"acc": 0.0, "acc_norm": 1.0, "n": 2}
@@ -185,7 +192,7 @@ def test_shared_context_scorer_matches_single_rows(family):
 
 @pytest.fixture(scope="module")
 def smol():
-    from helpers.models import load_model
+    from helpers.compression.checkpoints import load_model
 
     return load_model(device="cpu")
 
@@ -225,7 +232,7 @@ def test_scores_match_a_direct_computation(smol, task):
 def test_cli_writes_acc_acc_norm_n(smol, tmp_path, monkeypatch, capsys):
     from helpers.cli import main
 
-    monkeypatch.setattr("helpers.models.load_model", lambda name: smol)
+    monkeypatch.setattr("helpers.compression.checkpoints.load_model", lambda name: smol)
     out = tmp_path / "results.json"
     assert main(["zeroshot", "--tasks", "copa,winogrande", "--limit", "3", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())["tasks"]
@@ -238,8 +245,8 @@ def test_cli_writes_acc_acc_norm_n(smol, tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_bfloat16_agrees_with_float32_on_the_real_model(smol):
     """What scripts/bench_zeroshot.py reports: same choice on most questions, no resolved accuracy change."""
-    from helpers.stats import paired_accuracy
-    from helpers.zeroshot import evaluate
+    from helpers.evaluation.stats import paired_accuracy
+    from helpers.evaluation.zeroshot import evaluate
 
     model, tok = smol
     fp32 = evaluate(model, tok, ["piqa"], 30)["piqa"]

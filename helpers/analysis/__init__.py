@@ -1,0 +1,1 @@
+"""Analysis of a dense model: hooks, Layer Redundancy, depth-pruning block scores."""

@@ -1,0 +1,1 @@
+"""Compression: slice allocation, rotate-and-slice, layer removal and replacement, the parameter ledger, checkpoints."""

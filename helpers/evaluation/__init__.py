@@ -1,0 +1,1 @@
+"""Evaluation of any model: perplexity, zero-shot tasks, speed, stability, uncertainty."""

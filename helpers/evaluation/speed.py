@@ -1,0 +1,291 @@
+"""Speed and memory of a causal LM: prefill throughput, greedy generation tokens/s, peak memory.
+
+Single measurements (`prefill_throughput`, `generation_speed`) return plain
+dicts. `interleaved_benchmark` is the trustworthy comparison: one worker
+process per model, warm-up, repeats alternated between models, and
+`summarise` gives medians, interquartile ranges and per-round ratios to dense.
+Memory is the process's peak resident set size on CPU and
+torch.cuda.max_memory_allocated on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing as mp
+import platform
+import re
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from helpers.compression.checkpoints import load_model
+from helpers.models.loading import pick_device
+
+
+def device_name(device: torch.device | str) -> str:
+    """A readable name for the device: GPU model, or CPU model and thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak-memory measurement: CUDA's counter, or the process's peak RSS on Linux."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # off Linux the peak counts from the start of the process
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak memory in MiB since the last reset: max allocated on CUDA, peak RSS of the process on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) / 1024
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux, bytes on macOS
+
+
+def timed(func: Callable[[], Any], device: torch.device | str) -> tuple[Any, float]:
+    """Run `func()` and return (result, wall seconds), synchronising CUDA around it."""
+    device = torch.device(device)
+    _sync(device)
+    start = time.perf_counter()
+    result = func()
+    _sync(device)
+    return result, time.perf_counter() - start
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prefill_throughput(model: nn.Module, input_ids: torch.Tensor, repeats: int = 1) -> dict[str, float]:
+    """Tokens per second of a full forward pass over `input_ids` (batch, seqlen), best of `repeats`."""
+    device = _model_device(model)
+    ids = input_ids.to(device)
+    with torch.no_grad():
+        model(input_ids=ids[:, :8], use_cache=False)  # warm-up
+        best = min(timed(lambda: model(input_ids=ids, use_cache=False), device)[1] for _ in range(repeats))
+    return {"prefill_tokens_per_s": ids.numel() / best, "prefill_latency_s": best, "prefill_tokens": ids.numel()}
+
+
+def generation_speed(
+    model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 32, batch_size: int = 1
+) -> dict[str, float]:
+    """Greedy `generate` with the KV cache: new tokens per second for a batch of identical-length prompts."""
+    if prompt_ids.ndim != 2 or prompt_ids.shape[0] < batch_size:
+        raise ValueError(f"prompt_ids must be (>= batch_size, prompt_len); got {tuple(prompt_ids.shape)}.")
+    device = _model_device(model)
+    ids = prompt_ids[:batch_size].to(device)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+        reset_peak_memory(device)
+        out, seconds = timed(
+            lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs), device
+        )
+    generated = (out.shape[1] - ids.shape[1]) * batch_size
+    return {
+        "batch_size": batch_size,
+        "new_tokens": generated,
+        "generation_tokens_per_s": generated / seconds,
+        "latency_per_token_ms": 1000 * seconds / (out.shape[1] - ids.shape[1]),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved benchmark: one worker process per model, requests alternated between them
+# ---------------------------------------------------------------------------------------------
+
+
+def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
+    """Wall seconds to read a prompt batch and produce the next token's logits (what generation's prefill does)."""
+    with torch.no_grad():
+        return timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), _model_device(model))[1]
+
+
+def generate_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+    """Wall seconds of greedy `generate` with the KV cache, exactly `new_tokens` new tokens per prompt."""
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        return timed(
+            lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs),
+            _model_device(model),
+        )[1]
+
+
+def _worker(conn, source: str, dtype: str, threads: int, device: str) -> None:
+    """Worker process: load one model, then answer (kind, batch, length, new_tokens) requests with seconds."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, _ = load_model(source, device=device, dtype=getattr(torch, dtype))
+    vocab = model.config.vocab_size
+    reset_peak_memory(device)
+    conn.send("ready")
+    while (request := conn.recv()) is not None:
+        kind, batch, length, new_tokens = request
+        ids = torch.randint(100, vocab, (batch, length), generator=torch.Generator().manual_seed(batch)).to(device)
+        seconds = prefill_seconds(model, ids) if kind == "prefill" else generate_seconds(model, ids, new_tokens)
+        conn.send({"seconds": seconds, "peak_memory_mb": peak_memory_mb(device)})
+
+
+class Worker:
+    """A model living in its own process (so its peak memory and allocator state are its own)."""
+
+    def __init__(self, source: str, dtype: str, threads: int, device: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, source, dtype, threads, device), daemon=True)
+        self.process.start()
+        if not self.conn.poll(600) or self.conn.recv() != "ready":
+            self.close()
+            raise RuntimeError(f"speed worker for {source} ({dtype}) did not start.")
+
+    def request(self, kind: str, batch: int, length: int, new_tokens: int = 0) -> dict:
+        """Run one timed measurement in the worker; returns seconds and the worker's peak memory so far."""
+        self.conn.send((kind, batch, length, new_tokens))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        """Stop the worker process."""
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self.conn.send(None)
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One timed measurement: prefill of batch x length tokens, or generation of new_tokens after a prompt."""
+
+    kind: str  # "prefill" or "generate"
+    batch: int
+    length: int  # prompt length in tokens
+    new_tokens: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.kind == "prefill":
+            return f"prefill {self.batch}x{self.length}"
+        return f"generate b{self.batch} ({self.new_tokens} new)"
+
+    def tokens(self) -> int:
+        """Tokens counted for tokens/s: prompt tokens for prefill, new tokens for generation."""
+        return self.batch * (self.length if self.kind == "prefill" else self.new_tokens)
+
+
+WORKLOADS = (
+    Workload("prefill", 1, 512),
+    Workload("prefill", 8, 512),
+    Workload("generate", 1, 32, 64),
+    Workload("generate", 16, 32, 64),
+)
+
+
+def interleaved_benchmark(
+    models: dict[str, str],
+    dtype: str = "float32",
+    workloads: tuple[Workload, ...] = WORKLOADS,
+    repeats: int = 5,
+    threads: int = 1,
+    device: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Tokens/s samples of several models, each in its own worker, requests alternated between them.
+
+    `models` maps a label to a model name or folder. Every workload runs once
+    per model as warm-up, then `repeats` rounds in which each model runs it
+    once, in an order rotated each round, so that a busy machine slows every
+    model alike. Returns one row per (model, workload, repeat).
+    """
+    device = str(pick_device(device))
+    workers: dict[str, Worker] = {}
+    rows = []
+    try:
+        for label, source in models.items():
+            workers[label] = Worker(source, dtype, threads, device)
+        labels = list(workers)
+        steps = [(w, r) for w in workloads for r in range(-1, repeats)]
+        for workload, repeat in tqdm(steps, desc=f"speed {dtype}", unit="round", disable=not progress):
+            order = labels[repeat % len(labels) :] + labels[: repeat % len(labels)]
+            for label in order:
+                result = workers[label].request(workload.kind, workload.batch, workload.length, workload.new_tokens)
+                if repeat >= 0:  # round -1 is the warm-up
+                    rows.append(
+                        {
+                            "model": label,
+                            "dtype": dtype,
+                            "workload": workload.name,
+                            "repeat": repeat,
+                            "tokens_per_s": workload.tokens() / result["seconds"],
+                            "peak_memory_mb": result["peak_memory_mb"],
+                        }
+                    )
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return pd.DataFrame(rows)
+
+
+def summarise(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
+    """Median and interquartile range of tokens/s, and of the per-round ratio to `baseline`, per model and workload.
+
+    Ratios pair each sample with the baseline's sample from the same round,
+    so the machine's load in that round cancels.
+    """
+    keys = ["dtype", "workload", "repeat"]
+    base = samples[samples["model"] == baseline].set_index(keys)["tokens_per_s"]
+    samples = samples.assign(
+        ratio=samples["tokens_per_s"].to_numpy() / base.loc[samples.set_index(keys).index].to_numpy()
+    )
+    groups = samples.groupby(["dtype", "workload", "model"], sort=False)
+    return pd.DataFrame(
+        {
+            "tokens_per_s": groups["tokens_per_s"].median(),
+            "tokens_per_s_q1": groups["tokens_per_s"].quantile(0.25),
+            "tokens_per_s_q3": groups["tokens_per_s"].quantile(0.75),
+            "ratio_to_dense": groups["ratio"].median(),
+            "ratio_q1": groups["ratio"].quantile(0.25),
+            "ratio_q3": groups["ratio"].quantile(0.75),
+            "peak_memory_mb": groups["peak_memory_mb"].max(),
+            "repeats": groups["tokens_per_s"].size(),
+        }
+    ).reset_index()
+
+
+def speed_markdown(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table: median tokens/s [IQR], ratio to dense [IQR], peak memory."""
+    lines = [
+        "| dtype | workload | model | tokens/s median [IQR] | ratio to dense median [IQR] | peak MiB | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary.itertuples():
+        lines.append(
+            f"| {r.dtype} | {r.workload} | {r.model} | {r.tokens_per_s:.1f} [{r.tokens_per_s_q1:.1f}, "
+            f"{r.tokens_per_s_q3:.1f}] | {r.ratio_to_dense:.3f} [{r.ratio_q1:.3f}, {r.ratio_q3:.3f}] | "
+            f"{r.peak_memory_mb:.0f} | {r.repeats} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Experiments: SB sweeps, the depth-vs-slicing comparison, resumable results, `reproduce`, readings."""

@@ -1,0 +1,308 @@
+"""Depth pruning against slicing at matched parameter counts: the comparison table of notebook 05.
+
+Every method removes about as many parameters as constant slicing at
+`slice_fraction` does: n = round(parameters slicing removes / parameters of
+one layer) layers for ShortGPT and LLM-Streamline, and for the hybrid (the
+dynamic-slicing paper's future work) the k = n // 2 layers with the lowest
+Block Influence are removed first and the remaining layers are sliced
+dynamically by their recomputed LR, with the slice fraction searched so that
+the total matches. Each variant is built from a fresh copy of the dense model,
+evaluated (perplexity, zero-shot accuracy, stability against the dense model,
+forward speed), and cached as one cell, so an interrupted run resumes.
+Parameter counts are realised (unique tensors counted once, the ledger's total; the ledger itself
+cannot read a model holding a replacement block); speed is
+`helpers.evaluation.speed.prefill_throughput` on two calibration windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from helpers.analysis.block_scores import BlockScores, block_scores
+from helpers.analysis.redundancy import layer_redundancy
+from helpers.compression.allocation import ModelShape, dense_param_count, sliced_param_count
+from helpers.compression.checkpoints import load_model
+from helpers.compression.depth import parameter_count, remove_layers
+from helpers.compression.replacement import prune_model
+from helpers.compression.slicing import allocation_dims, constant_dims, slice_model
+from helpers.evaluation import stats
+from helpers.evaluation.perplexity import perplexity
+from helpers.evaluation.speed import prefill_throughput
+from helpers.evaluation.stability import stability
+from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
+from helpers.evaluation.zeroshot import evaluate
+from helpers.experiments.results import CellCache
+from helpers.infra.integrity import code_fingerprint
+from helpers.infra.storage import DATA_DIR
+from helpers.infra.textdata import load_split
+from helpers.models.adapters import get_adapter
+from helpers.models.loading import DEFAULT_MODEL
+
+DEPTH_TABLE = DATA_DIR / "runs" / "depth_comparison"  # where the CLI and notebook 05 write the table (CSV + Markdown)
+
+# The modules whose source shapes a comparison cell: a change to any of them computes fresh cells.
+COMPARE_CODE = (
+    "helpers.experiments.compare",
+    "helpers.analysis.block_scores",
+    "helpers.compression.depth",
+    "helpers.compression.replacement",
+    "helpers.evaluation.stability",
+    "helpers.compression.slicing",
+    "helpers.compression.allocation",
+    "helpers.evaluation.perplexity",
+    "helpers.evaluation.zeroshot",
+    "helpers.evaluation.tasks",
+    "helpers.infra.textdata",
+)
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """Everything that determines the comparison table (also its cache key)."""
+
+    model: str = DEFAULT_MODEL
+    calib: str = "gutenberg"  # calibration text: block scores, LR, PCA, replacement training
+    seqlen: int = 256
+    calib_windows: int = 32
+    train_windows: int = 32  # replacement training windows, after the calibration ones
+    val_windows: int = 8  # held-out windows for early stopping
+    slice_fraction: float = 0.25  # constant slicing's SP; everything else is matched to its parameter count
+    base_slice: float = 0.15  # SB of dynamic slicing (0 = fully dynamic)
+    replacement: str = "ffn"
+    max_steps: int = 300
+    eval_text: str = "twenty-thousand-leagues"  # not in the first calibration windows of "gutenberg"
+    eval_seqlen: int = 256
+    eval_windows: int = 16
+    tasks: tuple[str, ...] = PAPER_TASKS
+    task_limit: int = 50
+    dtype: str = "float32"  # zero-shot scoring precision (building the variants stays float32)
+    batch_size: int = 4
+
+
+def _lr(model: nn.Module, ids: torch.Tensor, batch_size: int) -> np.ndarray:
+    return layer_redundancy(model, ids, batch_size, progress=False)["lr"].to_numpy()
+
+
+def _shape(model: nn.Module):
+    return ModelShape.from_config(model.config)
+
+
+def plan(model: nn.Module, scores: BlockScores, lr: np.ndarray, settings: CompareSettings) -> dict:
+    """How many layers each depth method removes, and the hybrid's split, to match constant slicing."""
+    shape = _shape(model)
+    dense = dense_param_count(shape)["total"]
+    target = sliced_param_count(shape, np.array(constant_dims(model, settings.slice_fraction)))["total"]
+    per_layer = parameter_count(get_adapter(model).layers(model)[0])
+    n = max(1, round((dense - target) / per_layer))
+    k = max(1, n // 2)
+    hybrid_shape = replace(shape, n_layers=shape.n_layers - k)
+    kept = [i for i in range(len(lr)) if i not in scores.choose("shortgpt", k)]
+    best = None
+    for sp in np.arange(0.01, 0.9, 0.01):  # LR of the kept layers here; the build recomputes it after removal
+        sb = sp * settings.base_slice / settings.slice_fraction
+        dims = allocation_dims(lr[kept], float(sp), float(sb), shape.hidden_size)
+        gap = abs(sliced_param_count(hybrid_shape, np.array(dims))["total"] - target)
+        if best is None or gap < best[0]:
+            best = (gap, float(sp))
+    return dict(
+        dense_params=dense, target_params=target, layer_params=per_layer, n=n, hybrid_k=k, hybrid_sp=round(best[1], 2)
+    )
+
+
+def _sliced(model: nn.Module, dims: list[int], ctx: dict, settings: CompareSettings) -> nn.Module:
+    slice_model(model, ctx["calib_ids"], dims=dims, batch_size=settings.batch_size, progress=False)
+    return model
+
+
+def _constant_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    dims = constant_dims(model, settings.slice_fraction)
+    return _sliced(model, dims, ctx, settings), dict(dims=dims)
+
+
+def _dynamic_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    dims = allocation_dims(ctx["lr"], settings.slice_fraction, settings.base_slice, model.config.hidden_size)
+    return _sliced(model, dims, ctx, settings), dict(dims=dims)
+
+
+def _shortgpt(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    model, info, _ = prune_model(model, ctx["scores"], "shortgpt", ctx["plan"]["n"])
+    return model, info
+
+
+def _streamline(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    model, info, _ = prune_model(model, ctx["scores"], "streamline", ctx["plan"]["n"])
+    return model, info
+
+
+def _streamline_replacement(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    model, info, history = prune_model(
+        model,
+        ctx["scores"],
+        "streamline",
+        ctx["plan"]["n"],
+        settings.replacement,
+        ctx["train_ids"],
+        ctx["val_ids"],
+        max_steps=settings.max_steps,
+        batch_size=settings.batch_size,
+        progress=False,
+    )
+    return model, {**info, "history": history}
+
+
+def _hybrid(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    """ShortGPT removes the planned layers, then dynamic slicing on the LR of the layers that remain."""
+    removed = ctx["scores"].choose("shortgpt", ctx["plan"]["hybrid_k"])
+    remove_layers(model, removed)
+    sp = ctx["plan"]["hybrid_sp"]
+    lr = _lr(model, ctx["calib_ids"], settings.batch_size)
+    dims = allocation_dims(lr, sp, sp * settings.base_slice / settings.slice_fraction, model.config.hidden_size)
+    return _sliced(model, dims, ctx, settings), dict(removed=removed, dims=dims, slice_fraction=sp)
+
+
+_BUILDERS = {  # the order of the table's rows
+    "dense": lambda model, ctx, settings: (model, {}),
+    "constant slicing": _constant_slicing,
+    "dynamic slicing": _dynamic_slicing,
+    "ShortGPT": _shortgpt,
+    "LLM-Streamline": _streamline,
+    "LLM-Streamline + replacement": _streamline_replacement,
+    "hybrid: ShortGPT + dynamic slicing": _hybrid,
+}
+
+
+VARIANTS = tuple(_BUILDERS)
+
+
+def build_variant(name: str, dense: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    """A compressed copy of `dense` for variant `name` (one of VARIANTS), and what was done to it."""
+    if name not in _BUILDERS:
+        raise ValueError(f"Unknown variant {name!r}; use one of {', '.join(VARIANTS)}.")
+    return _BUILDERS[name](copy.deepcopy(dense), ctx, settings)
+
+
+def evaluate_variant(model: nn.Module, tokenizer, settings: CompareSettings, speed_ids: torch.Tensor) -> dict:
+    """Perplexity, per-task accuracy with the option scores behind it, parameters and speed."""
+    ppl = perplexity(
+        model,
+        tokenizer,
+        settings.eval_text,
+        settings.eval_seqlen,
+        settings.eval_windows,
+        settings.batch_size,
+        progress=False,
+    )
+    tasks = {}
+    scored = evaluate(
+        model, tokenizer, list(settings.tasks), settings.task_limit, 8, dtype=getattr(torch, settings.dtype)
+    )
+    for task, result in scored.items():
+        # stability reads log-likelihood per character for every task (WinoGrande: of its shared continuation),
+        # so that its softmax weights are on one scale
+        scores = [s / n for s, n in zip(result.option_scores, result.option_lengths, strict=True)]
+        tasks[task] = dict(
+            acc=result.summary[paper_metric(task)],
+            scores=[list(map(float, s)) for s in scores],
+            labels=[int(v) for v in result.labels],
+        )
+    return dict(
+        perplexity=ppl.perplexity,
+        window_nll=list(ppl.window_nll),
+        window_tokens=list(ppl.window_tokens),
+        params=parameter_count(model),
+        layers=len(get_adapter(model).layers(model)),
+        tokens_per_s=prefill_throughput(model, speed_ids, repeats=3)["prefill_tokens_per_s"],
+        tasks=tasks,
+    )
+
+
+def _context(settings: CompareSettings, progress: bool) -> tuple[nn.Module, object, dict]:
+    model, tokenizer = load_model(settings.model)
+    sizes = settings.calib_windows, settings.train_windows, settings.val_windows
+    calib, train, val = load_split(tokenizer, settings.calib, settings.seqlen, *sizes)
+    scores = block_scores(model, calib, settings.batch_size, progress=progress)
+    lr = scores.lr()  # the block capture already holds every layer's input/output cosine
+    ctx = dict(
+        calib_ids=calib,
+        train_ids=train,
+        val_ids=val,
+        scores=scores,
+        lr=lr,
+    )
+    ctx["plan"] = plan(model, scores, lr, settings)
+    return model, tokenizer, ctx
+
+
+def compare(settings: CompareSettings = CompareSettings(), progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Build and evaluate every variant; return the table and the raw cells (with the training history)."""
+    cache = CellCache("depth_compare")
+    code = code_fingerprint(*COMPARE_CODE)
+    model, tokenizer, ctx = _context(settings, progress)
+    speed_ids = ctx["calib_ids"][:2]
+    cells = {}
+    for name in tqdm(VARIANTS, desc="variants", disable=not progress):
+        params = dict(settings=asdict(settings), variant=name, plan=ctx["plan"], code=code)
+
+        def compute(name=name) -> dict:
+            variant, info = build_variant(name, model, ctx, settings)
+            result = dict(info=info, **evaluate_variant(variant, tokenizer, settings, speed_ids))
+            del variant
+            gc.collect()
+            return result
+
+        cells[name] = cache.get_or_compute(params, compute)
+    return comparison_table(cells, ctx["plan"]), dict(cells=cells, plan=ctx["plan"], scores=ctx["scores"])
+
+
+def _correct(result: dict) -> np.ndarray:
+    """Per question, 1 where the reported metric picks the label (scores are per character: acc_norm's argmax)."""
+    return np.array([int(np.argmax(s) == y) for s, y in zip(result["scores"], result["labels"], strict=True)])
+
+
+def comparison_table(cells: dict[str, dict], plan_: dict, reference: str = "dynamic slicing") -> pd.DataFrame:
+    """One row per variant: parameters, perplexity (95% interval), accuracy (+/- SE), stability, speed, and the
+    paired difference from `reference` on the same questions and windows with its 95% interval and verdict."""
+    dense, ref = cells["dense"], cells[reference]
+    rows = []
+    for name, cell in cells.items():
+        ci = stats.perplexity_interval(cell["window_nll"], cell["window_tokens"])
+        row = dict(
+            method=name,
+            layers=cell["layers"],
+            params=cell["params"],
+            removed_pct=100 * (1 - cell["params"] / dense["params"]),
+            perplexity=cell["perplexity"],
+            perplexity_low=ci.low,
+            perplexity_high=ci.high,
+        )
+        accs, stabs, ses = [], [], []
+        for task, result in cell["tasks"].items():
+            row[task] = result["acc"]
+            accs.append(result["acc"])
+            ses.append(stats.accuracy_se(_correct(result)))
+            ref_dense = dense["tasks"][task]
+            stabs.append(stability(ref_dense["scores"], result["scores"], ref_dense["labels"]))
+        tasks = list(cell["tasks"])
+        acc = stats.paired_average(
+            [_correct(cell["tasks"][t]) for t in tasks], [_correct(ref["tasks"][t]) for t in tasks]
+        )
+        ppl = stats.paired_perplexity(cell["window_nll"], ref["window_nll"], cell["window_tokens"])
+        row.update(
+            avg_acc=float(np.mean(accs)),
+            avg_acc_se=float(np.sqrt(np.sum(np.square(ses))) / len(ses)),
+            acc_vs_ref=f"{acc.diff:+.3f} ({acc.low:+.3f}, {acc.high:+.3f}) {acc.verdict}",
+            ppl_vs_ref=f"{ppl.diff:+.1f} ({ppl.low:+.1f}, {ppl.high:+.1f}) {ppl.verdict}",
+            stability=float(np.mean(stabs)),
+            tokens_per_s=cell["tokens_per_s"],
+            removed=str(cell["info"].get("removed", "")),
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,1 @@
+"""Infrastructure every stage uses: atomic storage, integrity checks, text corpora and windows."""

@@ -1,0 +1,1 @@
+"""Models: load by name or folder, one adapter per family, the family-free sliced modules."""

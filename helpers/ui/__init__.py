@@ -1,0 +1,1 @@
+"""What the reader sees: figures, the slider app, the book build."""
