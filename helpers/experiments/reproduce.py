@@ -86,7 +86,7 @@ class Settings:
     select_windows: int = 8
     eval_windows: int = 16  # per held-out book
     sps: tuple[float, ...] = (0.30, 0.35, 0.40)
-    sb_step: float = 0.15
+    sb_step: float = 0.2
     tasks: tuple[str, ...] = PAPER_TASKS
     limit: int | None = 200  # questions per task; None = the whole validation split
     task_limits: tuple[tuple[str, int], ...] = ()  # per-task overrides of `limit`
