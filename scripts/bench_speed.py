@@ -10,7 +10,7 @@ shared machine hits all models alike. Prefill is prompt -> next-token logits at 
 and 8 x 512 tokens; generation is greedy `generate` (KV cache) of 64 new tokens after a
 32-token prompt at batch 1 and 16. Ratios pair each sample with dense's from the same
 round. CUDA is used when present. Sliced models are sliced once (calibration 32 x 256
-tokens) and kept under data/sliced/bench_speed/. Writes figures/speed_table.{csv,md}.
+tokens) and kept under data/sliced/bench_speed/. Writes data/runs/speed_table.{csv,md}.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pandas as pd
 
 from helpers.compression.checkpoints import load_model
 from helpers.evaluation.speed import WORKLOADS, device_name, interleaved_benchmark, speed_markdown, summarise
-from helpers.infra.storage import DATA_DIR, FIGURES_DIR, slug, write_csv_atomic, write_text_atomic
+from helpers.infra.storage import DATA_DIR, RUNS_DIR, slug, write_csv_atomic, write_text_atomic
 from helpers.infra.textdata import CALIB_TEXT
 from helpers.models.loading import DEFAULT_MODEL, pick_device
 
@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--quick", action="store_true", help="2 repeats, 64-token prompts, 8 new tokens")
     p.add_argument("--sliced-head", action="store_true", help="add constant slicing with final_dim (V x d' head)")
-    p.add_argument("--out", type=Path, default=FIGURES_DIR / "speed_table")
+    p.add_argument("--out", type=Path, default=RUNS_DIR / "speed_table")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.prefill_len, args.new_tokens = 2, 64, 8
