@@ -5,7 +5,7 @@
 
 Dynamic slicing's SB is chosen by the SB sweep (lowest perplexity on --select, a book other than
 --eval). Parameter counts come from the ledger; compression is against the dense model as shipped.
-Writes figures/bench_slicing.json and prints the tables.
+Writes data/runs/bench_slicing.json and prints the tables.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from helpers.compression.slicing import allocation_dims, rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.speed import device_name, generation_speed, peak_memory_mb, reset_peak_memory
 from helpers.experiments.sweeps import sb_sweep
-from helpers.infra.storage import FIGURES_DIR, write_json_atomic
+from helpers.infra.storage import RUNS_DIR, write_json_atomic
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, load_windows
 from helpers.models.loading import DEFAULT_MODEL, pick_device
 
@@ -45,7 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--offload-dir", default=None, help="keep calibration activations on disk here while slicing")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    p.add_argument("--out", default=str(FIGURES_DIR / "bench_slicing.json"))
+    p.add_argument("--out", default=str(RUNS_DIR / "bench_slicing.json"))
     args = p.parse_args()
     if args.quick:
         args.calib_windows, args.calib_seqlen, args.eval_windows, args.eval_seqlen = 4, 128, 2, 128

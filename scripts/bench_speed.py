@@ -2,6 +2,7 @@
 
     python scripts/bench_speed.py              # SmolLM2-135M, SP 0.30, 5 repeats, 1 thread per model
     python scripts/bench_speed.py --quick      # 2 repeats, short prompts: a smoke run
+    python scripts/bench_speed.py --sliced-head  # also constant slicing with the last residual sliced (final_dim)
 
 Each model runs in its own worker process (fixed torch threads, one warm-up round);
 every round asks each worker once per workload, in a rotated order, so the load of a
@@ -9,7 +10,7 @@ shared machine hits all models alike. Prefill is prompt -> next-token logits at 
 and 8 x 512 tokens; generation is greedy `generate` (KV cache) of 64 new tokens after a
 32-token prompt at batch 1 and 16. Ratios pair each sample with dense's from the same
 round. CUDA is used when present. Sliced models are sliced once (calibration 32 x 256
-tokens) and kept under data/sliced/bench_speed/. Writes figures/speed_table.{csv,md}.
+tokens) and kept under data/sliced/bench_speed/. Writes data/runs/speed_table.{csv,md}.
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ import pandas as pd
 
 from helpers.compression.checkpoints import load_model
 from helpers.evaluation.speed import WORKLOADS, device_name, interleaved_benchmark, speed_markdown, summarise
-from helpers.infra.storage import DATA_DIR, FIGURES_DIR, slug, write_csv_atomic, write_text_atomic
+from helpers.infra.storage import DATA_DIR, RUNS_DIR, slug, write_csv_atomic, write_text_atomic
 from helpers.infra.textdata import CALIB_TEXT
 from helpers.models.loading import DEFAULT_MODEL, pick_device
 
 
-def sliced_folder(model_name: str, sp: float, sb: float, calib: str, windows: int, seqlen: int) -> Path:
-    """Slice the dense model once at (SP, SB) and return the saved folder."""
+def sliced_folder(
+    model_name: str, sp: float, sb: float, calib: str, windows: int, seqlen: int, sliced_head: bool = False
+) -> Path:
+    """Slice the dense model once at (SP, SB) and return the saved folder; `sliced_head`: final_dim = last dim."""
     from helpers.analysis.redundancy import cached_layer_redundancy
     from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
     from helpers.infra.textdata import load_windows
 
-    folder = DATA_DIR / "sliced" / "bench_speed" / f"{slug(model_name)}-sp{sp:g}-sb{sb:g}-{calib}-{windows}x{seqlen}"
+    name = f"{slug(model_name)}-sp{sp:g}-sb{sb:g}-{calib}-{windows}x{seqlen}" + ("-sliced-head" if sliced_head else "")
+    folder = DATA_DIR / "sliced" / "bench_speed" / name
     if (folder / "slicing.json").exists():
         return folder
     model, tokenizer = load_model(model_name, device="cpu")
@@ -43,7 +47,8 @@ def sliced_folder(model_name: str, sp: float, sb: float, calib: str, windows: in
     else:
         lr = cached_layer_redundancy(model_name, calib, seqlen, windows, loaded=(model, tokenizer))
         dims = allocation_dims(lr["lr"].to_numpy(), sp, sb, model.config.hidden_size)
-    rotate_and_slice(model, load_windows(tokenizer, calib, seqlen, windows), dims)
+    final_dim = dims[-1] if sliced_head else None
+    rotate_and_slice(model, load_windows(tokenizer, calib, seqlen, windows), dims, final_dim=final_dim)
     return save_sliced(model, tokenizer, folder)
 
 
@@ -59,7 +64,8 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=512, help="prefill prompt length (a busy machine: smaller)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--quick", action="store_true", help="2 repeats, 64-token prompts, 8 new tokens")
-    p.add_argument("--out", type=Path, default=FIGURES_DIR / "speed_table")
+    p.add_argument("--sliced-head", action="store_true", help="add constant slicing with final_dim (V x d' head)")
+    p.add_argument("--out", type=Path, default=RUNS_DIR / "speed_table")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.prefill_len, args.new_tokens = 2, 64, 8
@@ -74,6 +80,9 @@ def main() -> None:
         f"constant SP={args.sp:g}": str(sliced_folder(args.model, args.sp, args.sp, args.calib, 32, 256)),
         f"dynamic SP={args.sp:g} SB={args.sb:g}": str(sliced_folder(args.model, args.sp, args.sb, args.calib, 32, 256)),
     }
+    if args.sliced_head:
+        folder = sliced_folder(args.model, args.sp, args.sp, args.calib, 32, 256, sliced_head=True)
+        models[f"constant SP={args.sp:g}, sliced head"] = str(folder)
     header = (
         f"Model {args.model}; {device_name(pick_device(None)) if pick_device(None).type == 'cuda' else 'CPU'}, "
         f"{args.threads} torch thread(s) per worker; {args.repeats} interleaved repeats after one warm-up; "

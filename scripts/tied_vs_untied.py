@@ -3,7 +3,7 @@
     python scripts/tied_vs_untied.py                 # SmolLM2-135M, 20/25/30%, calib 32x512, eval 16x512
     python scripts/tied_vs_untied.py --quick         # 4x128 calibration, 2x128 evaluation
 
-Writes figures/tied_vs_untied.csv and prints a Markdown table.
+Writes data/runs/tied_vs_untied.csv and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import compression, ledger_totals, parameter_ledger
 from helpers.compression.slicing import constant_dims, rotate_and_slice, untie_sliced
 from helpers.evaluation.perplexity import perplexity_on_ids
-from helpers.infra.storage import FIGURES_DIR, write_csv_atomic
+from helpers.infra.storage import RUNS_DIR, write_csv_atomic
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, load_windows
 from helpers.models.loading import DEFAULT_MODEL
 
@@ -53,7 +53,7 @@ def main() -> None:
         del sliced
     table = pd.DataFrame(rows)
     table["compression"] = [compression(n, dense_params) for n in table["params"]]
-    out = FIGURES_DIR / "tied_vs_untied.csv"
+    out = RUNS_DIR / "tied_vs_untied.csv"
     write_csv_atomic(table, out)
     (cn, cl), (en, el) = calib_size, eval_size
     print(f"calibration {args.calib} {cn}x{cl}, evaluation {args.eval} {en}x{el}")

@@ -220,3 +220,41 @@ def test_activations_on_disk_give_the_same_model_and_leave_no_files(tmp_path):
     rotate_and_slice(on_disk, ids, DYNAMIC, batch_size=2, progress=False, offload_dir=tmp_path)
     assert torch.equal(logits(in_memory, ids), logits(on_disk, ids))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_final_dim_projects_the_last_residual_on_its_principal_directions(tmp_path, tied):
+    """final_dim = k: logits equal the full-width model's, with its last residual projected on its top-k PCA."""
+    ids, k = calib(), 40
+    full, short = noisy_model("llama", tied=True), noisy_model("llama", tied=True)
+    rotate_and_slice(full, ids, DYNAMIC, tied=tied, progress=False)
+    info = rotate_and_slice(short, ids, DYNAMIC, tied=tied, progress=False, final_dim=k)
+    residuals = []  # independent: what the full model's final norm reads, every token (uncentred PCA)
+    hook = full.model.norm.register_forward_hook(lambda _m, args, _out: residuals.append(args[0].double()))
+    logits(full, ids)
+    hook.remove()
+    y = residuals[0].reshape(-1, 64)
+    top = torch.linalg.eigh(y.T @ y).eigenvectors[:, -k:]
+    projected = (residuals[0] @ top @ top.T).float()
+    with torch.no_grad():
+        expected = full.lm_head(full.model.norm(projected))
+    got = logits(short, ids)
+    assert (got - expected).abs().max() < TOL
+    assert (got - logits(full, ids)).abs().max() > 100 * TOL  # the projection really changed something
+    assert tuple(short.lm_head.weight.shape) == (128, k) and info.final_dim == k
+    assert "head_4" in info.kept_variance() and ledger_totals(parameter_ledger(short))["head"] == 128 * k
+    reloaded, _ = load_sliced(save_sliced(short, None, tmp_path / "sliced"), device="cpu")
+    assert torch.equal(logits(reloaded, ids), got) and reloaded.slicing_info.final_dim == k
+
+
+def test_sliced_forward_honours_logits_to_keep_like_dense():
+    """Prefill benchmarks ask for the last position's logits only; every head layout must give exactly those."""
+    ids = calib()
+    models = [noisy_model("llama", tied=True) for _ in range(3)]
+    rotate_and_slice(models[1], ids, DYNAMIC, progress=False)
+    rotate_and_slice(models[2], ids, DYNAMIC, progress=False, final_dim=40)
+    for model in models:
+        with torch.no_grad():
+            last = model(input_ids=ids, logits_to_keep=1).logits
+        assert last.shape == (6, 1, 128)
+        assert (last - logits(model, ids)[:, -1:]).abs().max() < 1e-5

@@ -13,12 +13,14 @@ The recipe, one named step each:
    layers, making the half write into it and joining the bases by a shortcut
    matrix, rectangular when the kept dimensions differ;
 4. `finish_ends`: the embeddings into the first basis, the head reading the
-   last layer's (identity-basis) output, tied or untied.
+   last layer's output (the identity basis, or with `final_dim` its PCA basis), tied or untied.
 
 Conventions (helpers/sliced_layers): x is a row vector and `nn.Linear`
 computes x W^T; layer i keeps d_i dimensions at its attention and MLP inputs,
 its MLP writes d_{i+1}, and d_L = d (the head reads the full width; the last
-basis is the identity). With `tied=True` the model keeps one V x d embedding
+basis is the identity) unless `final_dim` slices the last residual too: then the
+head is a V x d_L matrix of its own (fewer multiply-adds per generated token,
+more parameters in the tied layout). With `tied=True` the model keeps one V x d embedding
 table shared by input and output, plus a d x d_0 input matrix and the final
 norm's d-vector scale, instead of a second V x d_0 table. Everything family-specific
 (which norms, their scales, pre- or post-norm blocks, embedding scale,
@@ -69,6 +71,7 @@ log = logging.getLogger(__name__)
 SLICING_FILE = "slicing.json"  # marks a folder written by save_sliced
 FORMAT_VERSION = 2  # 2: the tied head stores the final norm's scale as a d-vector, not a d x d matrix
 SLICING_SCHEMA = {"format_version": "int", "hidden_size": "int", "dims": "ints", "tied": "bool"}
+SLICING_OPTIONAL = {"final_dim": "int"}  # absent in folders saved before the option: the full width
 DAMPING = 0.01  # fraction of the mean eigenvalue added to the covariance diagonal
 
 
@@ -79,14 +82,15 @@ class SlicingInfo:
     dims: list[int]
     tied: bool
     hidden_size: int
+    final_dim: int | None = None  # the last residual's width (what the head reads); None: hidden_size
     eigenvalues: dict[str, np.ndarray] = field(default_factory=dict)  # boundary name -> eigenvalues, descending
 
     def kept_variance(self) -> dict[str, float]:
         """Fraction of each boundary's (damped) variance held by the kept directions."""
         kept = {}
+        widths = [*self.dims, self.final_dim or self.hidden_size]  # boundary L is the head's input
         for name, values in self.eigenvalues.items():
-            layer = int(name.split("_")[-1])
-            dim = self.dims[layer]
+            dim = widths[int(name.split("_")[-1])]
             kept[name] = float(values[:dim].sum() / values.sum())
         return kept
 
@@ -380,16 +384,17 @@ def slice_attention_half(
 
 
 def slice_mlp_half(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: _Calibration) -> None:
-    """Same pattern for the MLP; after the last layer the basis is the identity (the head reads full d)."""
+    """Same pattern for the MLP; after the last layer the basis is the identity unless `final_dim` slices it."""
     basis_mid = calib.basis
     for linear in adapter.mlp_inputs(layer):
         rotate_input(linear, basis_mid)
     set_linear(layer.mlp_shortcut, basis_mid)
     outputs = calib.xs.map(lambda x: layer.mlp_half(x.to(calib.device)).cpu())
-    if index + 1 < len(calib.info.dims):
-        basis_out = calib.pca(outputs, f"attn_{index + 1}", d_out)
-    else:
+    last = index + 1 == len(calib.info.dims)
+    if last and d_out == calib.basis.shape[0]:
         basis_out = torch.eye(d_out, dtype=torch.float64)
+    else:
+        basis_out = calib.pca(outputs, f"{'head' if last else 'attn'}_{index + 1}", d_out)
     rotate_output(_writers(adapter, layer)[1], basis_out)
     set_linear(layer.mlp_shortcut, basis_out.T @ basis_mid)
     calib.move_to(outputs, basis_out)
@@ -412,15 +417,19 @@ def finish_ends(
     basis: torch.Tensor,
     final_scale: torch.Tensor,
     tied: bool,
+    last_basis: torch.Tensor,
 ) -> None:
-    """Step 4: embeddings (and learned positions) into the first basis; the head reads the identity basis.
+    """Step 4: embeddings (and learned positions) into the first basis; the head reads the last basis.
 
     Tied: the original (scaled) embedding module stays as the shared table,
     followed by a d x d_0 projection; the head maps back through the final
     norm's scale (a d-vector) and reads the same table. Untied: a V x d_0 table
     with the embedding scale folded in; the head was folded and untied in step 1.
+    A sliced last basis Q_L (d x d_L, `final_dim`) gives the head its own
+    V x d_L matrix, W Q_L, in either layout (tied: W = table x scale).
     """
     dtype = table.weight.dtype
+    sliced_head = last_basis.shape[1] < last_basis.shape[0]
     for positions in adapter.position_tables(model):
         positions.weight = nn.Parameter((positions.weight.double() @ basis).to(dtype), requires_grad=False)
     if tied:
@@ -428,9 +437,14 @@ def finish_ends(
         set_linear(embedding.proj, basis.T)
         head = TiedHead(table)
         head.scale.copy_(final_scale.to(head.scale.dtype))
+        if sliced_head:
+            head = nn.Linear(last_basis.shape[1], table.num_embeddings, bias=False, dtype=dtype)
+            set_linear(head, (table.weight.double() * final_scale) @ last_basis)
         adapter.set_embedding(model, embedding)
         adapter.set_head(model, head)
         return
+    if sliced_head:
+        rotate_input(adapter.head(model), last_basis)
     weight = adapter.embedding_scale(model) * table.weight.double() @ basis
     embedding = nn.Embedding(weight.shape[0], weight.shape[1], dtype=dtype)
     embedding.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
@@ -459,6 +473,7 @@ def rotate_and_slice(
     device: str | torch.device | None = None,
     progress: bool = True,
     offload_dir: str | Path | None = None,
+    final_dim: int | None = None,
 ) -> SlicingInfo:
     """Slice `model` in place so that layer i keeps `dims[i]` residual dimensions; return what was done.
 
@@ -468,13 +483,16 @@ def rotate_and_slice(
     (CUDA when present). `tied=None` keeps one embedding table when the model
     ships with tied embeddings. Constant slicing is `dims = [k] * n_layers`.
     `offload_dir` keeps the calibration activations in files there (deleted
-    afterwards) instead of memory, one batch at a time.
+    afterwards) instead of memory, one batch at a time. `final_dim` also
+    slices the last layer's output (PCA, like every other boundary), so the
+    head reads `final_dim` coordinates through a V x final_dim matrix of its own.
     """
+    args = (model, input_ids, dims, tied, batch_size, damping, device, progress, final_dim)
     if offload_dir is None:
-        return _rotate_and_slice(model, input_ids, dims, tied, batch_size, damping, device, progress, None)
+        return _rotate_and_slice(*args, None)
     Path(offload_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="activations-", dir=offload_dir) as folder:
-        return _rotate_and_slice(model, input_ids, dims, tied, batch_size, damping, device, progress, Path(folder))
+        return _rotate_and_slice(*args, Path(folder))
 
 
 def _rotate_and_slice(
@@ -486,17 +504,19 @@ def _rotate_and_slice(
     damping: float,
     device: str | torch.device | None,
     progress: bool,
+    final_dim: int | None,
     store: Path | None,
 ) -> SlicingInfo:
     adapter = get_adapter(model)
     d, n_layers = model.config.hidden_size, model.config.num_hidden_layers
     dims = check_dims(dims, n_layers, d)
+    final_dim = check_dims([final_dim or d], 1, d)[0]
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
     check_calibration_tokens(input_ids.numel(), d, allow_few=True)  # a loud warning; the CLI refuses
     tied = _layout(adapter, model, tied)
     model.cpu().eval()
-    info = SlicingInfo(dims=dims, tied=tied, hidden_size=d)
+    info = SlicingInfo(dims=dims, tied=tied, hidden_size=d, final_dim=final_dim)
     batches = _batches(input_ids, batch_size)
     layer_kwargs = _record_layer_kwargs(model, input_ids[:1])
     table = adapter.embedding(model)
@@ -506,10 +526,10 @@ def _rotate_and_slice(
     calib = _Calibration(ActivationStore(store), torch.eye(d, dtype=torch.float64), pick_device(device), damping, info)
     basis_0 = first_basis(model, calib, batches, dims[0])
     for i in tqdm(range(n_layers), desc="slice", unit="layer", disable=not progress):
-        d_out = dims[i + 1] if i + 1 < n_layers else d
+        d_out = dims[i + 1] if i + 1 < n_layers else final_dim
         slice_layer(adapter, adapter.layers(model)[i], i, d_out, calib, layer_kwargs[i])
     with torch.no_grad():
-        finish_ends(model, adapter, table, basis_0, final_scale, tied)
+        finish_ends(model, adapter, table, basis_0, final_scale, tied, calib.basis)
     model.slicing_info = info
     return info
 
@@ -522,7 +542,7 @@ def untie_sliced(model: nn.Module) -> nn.Module:
     """
     adapter = get_adapter(model)
     embedding, head = adapter.embedding(model), adapter.head(model)
-    if not isinstance(embedding, RotatedEmbedding) or not isinstance(head, TiedHead):
+    if not isinstance(embedding, RotatedEmbedding):
         raise ValueError("untie_sliced needs a model sliced with the tied layout.")
     table = embedding.table.weight.double()
     dtype = embedding.table.weight.dtype
@@ -530,10 +550,11 @@ def untie_sliced(model: nn.Module) -> nn.Module:
         new_embedding = nn.Embedding(table.shape[0], embedding.proj.out_features, dtype=dtype)
         rows = adapter.embedding_scale(model) * table @ embedding.proj.weight.double().T  # the table module's scale
         new_embedding.weight = nn.Parameter(rows.to(dtype), requires_grad=False)
-        new_head = nn.Linear(table.shape[1], table.shape[0], bias=False, dtype=dtype)
-        set_linear(new_head, table * head.scale.double())
+        if isinstance(head, TiedHead):  # a sliced head (final_dim) is its own matrix already
+            new_head = nn.Linear(table.shape[1], table.shape[0], bias=False, dtype=dtype)
+            set_linear(new_head, table * head.scale.double())
+            adapter.set_head(model, new_head.to(table.device))
     adapter.set_embedding(model, new_embedding.to(table.device))
-    adapter.set_head(model, new_head)
     model.slicing_info.tied = False
     return model
 
@@ -558,7 +579,7 @@ def slice_model(
 # ---------------------------------------------------------------------------------------------
 
 
-def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool) -> None:
+def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> None:
     """Turn a freshly built dense model into an (uninitialised) sliced one with the right shapes."""
     adapter = get_adapter(model)
     d, eps = model.config.hidden_size, adapter.norm_eps(model)
@@ -570,7 +591,7 @@ def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool) -
         set_linear(linear, torch.zeros(n_out, n_in), bias)
 
     for i, layer in enumerate(list(adapter.layers(model))):
-        d_in, d_out = dims[i], dims[i + 1] if i + 1 < n_layers else d
+        d_in, d_out = dims[i], dims[i + 1] if i + 1 < n_layers else final_dim
         for linear in adapter.attention_inputs(layer) + adapter.mlp_inputs(layer):
             resize(linear, n_in=d_in)
         sliced = adapter.sliced_layer(layer, d_in, d_out, d, eps)
@@ -589,7 +610,8 @@ def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool) -
         adapter.set_head(model, TiedHead(adapter.embedding(model).table))
     else:
         adapter.set_embedding(model, nn.Embedding(vocab, dims[0]))
-        adapter.set_head(model, nn.Linear(d, vocab, bias=head_bias))
+    if not tied or final_dim < d:
+        adapter.set_head(model, nn.Linear(final_dim, vocab, bias=head_bias))
     model.config.tie_word_embeddings = False
 
 
@@ -615,6 +637,7 @@ def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
             "hidden_size": info.hidden_size,
             "dims": info.dims,
             "tied": info.tied,
+            "final_dim": info.final_dim or info.hidden_size,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             CHECKSUM_FIELD: folder_checksums(tmp),  # verified on load
         }
@@ -630,7 +653,7 @@ def load_sliced(
     meta_path = folder / SLICING_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"{folder} has no slicing.json: not a sliced model saved by save_sliced.")
-    meta = read_metadata(meta_path, SLICING_SCHEMA, {CHECKSUM_FIELD: "dict"})
+    meta = read_metadata(meta_path, SLICING_SCHEMA, {CHECKSUM_FIELD: "dict", **SLICING_OPTIONAL})
     if meta["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{folder} uses slicing format {meta['format_version']}; expected {FORMAT_VERSION}.")
     verify_checksums(folder, SLICING_FILE, meta.get(CHECKSUM_FIELD, {}))
@@ -638,11 +661,12 @@ def load_sliced(
     get_adapter(config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     dims = check_dims(meta["dims"], config.num_hidden_layers, config.hidden_size)
-    _build_sliced_structure(model, dims, meta["tied"])
+    final_dim = check_dims([meta.get("final_dim", config.hidden_size)], 1, config.hidden_size)[0]
+    _build_sliced_structure(model, dims, meta["tied"], final_dim)
     missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match the sliced layout (missing {missing}, extra {unexpected}).")
-    model.slicing_info = SlicingInfo(dims=dims, tied=meta["tied"], hidden_size=config.hidden_size)
+    model.slicing_info = SlicingInfo(dims=dims, tied=meta["tied"], hidden_size=config.hidden_size, final_dim=final_dim)
     model.to(device=pick_device(device), dtype=dtype).eval()
     model.name_or_path = str(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
