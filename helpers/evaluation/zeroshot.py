@@ -140,8 +140,12 @@ def score_rows_shared(
             by_context.setdefault(tuple(tokens[:-n_cont]), []).append(i)
         groups = list(by_context.values())
     limit = min(_max_len(model), getattr(model.config, "sliding_window", None) or 10**9)
-    too_long = [i for g in groups if max(len(rows[i][0]) for i in g) > limit for i in g]
-    packs = [_pack([rows[i] for i in g], g) for g in groups if max(len(rows[i][0]) for i in g) <= limit]
+    packs, too_long = [], []
+    for g in groups:
+        if max(len(rows[i][0]) for i in g) > limit:
+            too_long += g
+        else:
+            packs.append(_pack([rows[i] for i in g], g))
     packs.sort(key=lambda pack: len(pack.tokens), reverse=True)  # buckets of similar length
     adapter = get_adapter(model)
     backbone, head = adapter.backbone(model), adapter.head(model)
