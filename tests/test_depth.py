@@ -203,5 +203,6 @@ def test_comparison_table_from_cells():
     assert pruned["removed_pct"] == pytest.approx(25.0) and pruned["avg_acc"] == pytest.approx(0.4)
     right = np.mean(np.argmax(scores, 1) == labels)
     assert dense["avg_acc_se"] == pytest.approx(np.sqrt(right * (1 - right) / 29))
-    assert dense["acc_vs_ref"].endswith("not resolved") and pruned["ppl_vs_ref"].endswith("worse")
+    assert dense["acc_verdict"] == "not resolved" and pruned["ppl_verdict"] == "worse"
+    assert pruned["ppl_diff_low"] > 0 and dense["acc_diff"] == dense["acc_diff_low"] == 0
     assert dense["perplexity_low"] == pytest.approx(np.exp(3.0))

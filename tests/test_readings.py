@@ -127,18 +127,14 @@ def test_depth_comparison_reading_quotes_each_paired_verdict():
             "removed_pct": [0.0, 15.9, 15.8, 15.8],
             "perplexity": [40.0, 79.4, 78.6, 67.6],
             "avg_acc": [0.50, 0.42, 0.46, 0.45],
-            "ppl_vs_ref": [
-                "-39.4 (-45.0, -33.1) better",
-                "+0.0 (+0.0, +0.0) not resolved",
-                "-0.8 (-5.1, +3.2) not resolved",
-                "-11.8 (-15.2, -8.0) better",
-            ],
-            "acc_vs_ref": [
-                "+0.080 (+0.050, +0.110) better",
-                "+0.000 (+0.000, +0.000) not resolved",
-                "+0.040 (-0.010, +0.090) not resolved",
-                "+0.035 (+0.001, +0.070) better",
-            ],
+            "ppl_diff": [-39.4, 0.0, -0.8, -11.8],
+            "ppl_diff_low": [-45.0, 0.0, -5.1, -15.2],
+            "ppl_diff_high": [-33.1, 0.0, 3.2, -8.0],
+            "ppl_verdict": ["better", "not resolved", "not resolved", "better"],
+            "acc_diff": [0.080, 0.0, 0.040, 0.035],
+            "acc_diff_low": [0.050, 0.0, -0.010, 0.001],
+            "acc_diff_high": [0.110, 0.0, 0.090, 0.070],
+            "acc_verdict": ["better", "not resolved", "not resolved", "better"],
         }
     )
     text = read_depth_comparison(table)
@@ -147,5 +143,5 @@ def test_depth_comparison_reading_quotes_each_paired_verdict():
     assert "average accuracy resolved higher (difference +0.035" in text
     assert "1 of 2 rows are resolved better than dynamic slicing, 0 worse and 1 not resolved" in text
     assert "- dynamic slicing:" not in text and "- dense:" not in text
-    bare = read_depth_comparison(table.drop(columns=["ppl_vs_ref", "acc_vs_ref"]))
+    bare = read_depth_comparison(table[["method", "removed_pct", "perplexity", "avg_acc"]])
     assert "no paired intervals" in bare and "LLM-Streamline's (67.6)" in bare

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from helpers.analysis.block_scores import BlockScores, block_scores
 from helpers.analysis.redundancy import layer_redundancy
-from helpers.compression.allocation import ModelShape, dense_param_count, sliced_param_count
+from helpers.compression.allocation import ModelShape, dense_param_count, matched_sp, sliced_param_count
 from helpers.compression.checkpoints import load_model
 from helpers.compression.depth import parameter_count, remove_layers
 from helpers.compression.replacement import prune_model
@@ -96,7 +96,8 @@ def _shape(model: nn.Module):
 
 
 def plan(model: nn.Module, scores: BlockScores, lr: np.ndarray, settings: CompareSettings) -> dict:
-    """How many layers each depth method removes, and the hybrid's split, to match constant slicing."""
+    """How many layers each depth method removes, the SP that gives dynamic slicing constant slicing's count,
+    and the hybrid's split: every row matched to constant slicing."""
     shape = _shape(model)
     dense = dense_param_count(shape)["total"]
     target = sliced_param_count(shape, np.array(constant_dims(model, settings.slice_fraction)))["total"]
@@ -113,7 +114,13 @@ def plan(model: nn.Module, scores: BlockScores, lr: np.ndarray, settings: Compar
         if best is None or gap < best[0]:
             best = (gap, float(sp))
     return dict(
-        dense_params=dense, target_params=target, layer_params=per_layer, n=n, hybrid_k=k, hybrid_sp=round(best[1], 2)
+        dense_params=dense,
+        target_params=target,
+        layer_params=per_layer,
+        n=n,
+        dynamic_sp=matched_sp(lr, target, settings.base_slice, shape),
+        hybrid_k=k,
+        hybrid_sp=round(best[1], 2),
     )
 
 
@@ -128,8 +135,9 @@ def _constant_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) ->
 
 
 def _dynamic_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
-    dims = allocation_dims(ctx["lr"], settings.slice_fraction, settings.base_slice, model.config.hidden_size)
-    return _sliced(model, dims, ctx, settings), dict(dims=dims)
+    sp = ctx["plan"]["dynamic_sp"]  # matched to constant slicing's count, which rounds every layer down
+    dims = allocation_dims(ctx["lr"], sp, settings.base_slice, model.config.hidden_size)
+    return _sliced(model, dims, ctx, settings), dict(dims=dims, slice_fraction=sp)
 
 
 def _shortgpt(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
@@ -298,11 +306,39 @@ def comparison_table(cells: dict[str, dict], plan_: dict, reference: str = "dyna
         row.update(
             avg_acc=float(np.mean(accs)),
             avg_acc_se=float(np.sqrt(np.sum(np.square(ses))) / len(ses)),
-            acc_vs_ref=f"{acc.diff:+.3f} ({acc.low:+.3f}, {acc.high:+.3f}) {acc.verdict}",
-            ppl_vs_ref=f"{ppl.diff:+.1f} ({ppl.low:+.1f}, {ppl.high:+.1f}) {ppl.verdict}",
+            ppl_diff=ppl.diff,
+            ppl_diff_low=ppl.low,
+            ppl_diff_high=ppl.high,
+            ppl_verdict=ppl.verdict,
+            acc_diff=acc.diff,
+            acc_diff_low=acc.low,
+            acc_diff_high=acc.high,
+            acc_verdict=acc.verdict,
             stability=float(np.mean(stabs)),
             tokens_per_s=cell["tokens_per_s"],
             removed=str(cell["info"].get("removed", "")),
         )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def summary_table(table: pd.DataFrame, reference: str = "dynamic slicing") -> str:
+    """The README's compact Markdown of `comparison_table`: size, perplexity interval, accuracy +/- SE and the
+    paired differences from `reference` with their intervals and verdicts."""
+    lines = [
+        "| method | layers | parameters | removed | perplexity (95% interval) | average accuracy "
+        f"| vs {reference}: perplexity | vs {reference}: accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table.itertuples():
+        if r.method == reference:
+            ppl = acc = "-"
+        else:
+            ppl = f"{r.ppl_diff:+.1f} ({r.ppl_diff_low:+.1f}, {r.ppl_diff_high:+.1f}) {r.ppl_verdict}"
+            acc = f"{r.acc_diff:+.3f} ({r.acc_diff_low:+.3f}, {r.acc_diff_high:+.3f}) {r.acc_verdict}"
+        lines.append(
+            f"| {r.method} | {r.layers} | {r.params:,} | {r.removed_pct:.1f}% | {r.perplexity:.1f} "
+            f"({r.perplexity_low:.1f}-{r.perplexity_high:.1f}) | {r.avg_acc:.3f} +/- {r.avg_acc_se:.3f} "
+            f"| {ppl} | {acc} |"
+        )
+    return "\n".join(lines) + "\n"

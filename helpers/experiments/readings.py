@@ -181,8 +181,8 @@ def read_speed_table(speed: pd.DataFrame) -> str:
 def read_depth_comparison(table: pd.DataFrame, reference: str = "dynamic slicing") -> str:
     """Read the depth-vs-slicing table: sizes, the best rows, and each row's paired verdict against `reference`.
 
-    The verdicts come from the table's `ppl_vs_ref` / `acc_vs_ref` columns ("diff (low, high) verdict", paired
-    95% intervals on the same windows and questions); a table without them is read without verdicts.
+    The verdicts come from the table's `ppl_*` / `acc_*` difference columns (paired 95% intervals on the same
+    windows and questions); a table without them is read without verdicts.
     """
     rows = table[table["method"] != "dense"]
     best_ppl = rows.loc[rows["perplexity"].idxmin()]
@@ -192,16 +192,16 @@ def read_depth_comparison(table: pd.DataFrame, reference: str = "dynamic slicing
         f"the lowest perplexity is {best_ppl['method']}'s ({best_ppl['perplexity']:.1f}) and the highest average "
         f"accuracy {best_acc['method']}'s ({best_acc['avg_acc']:.3f})."
     )
-    if not {"ppl_vs_ref", "acc_vs_ref"} <= set(table.columns):
+    if not {"ppl_verdict", "acc_verdict"} <= set(table.columns):
         return text + " This table carries no paired intervals: differences of a few questions are not findings."
     others = rows[rows["method"] != reference]
     lines = [text, f"Against {reference}, on the same windows and questions (paired 95% intervals):"]
     for _, row in others.iterrows():
         lines.append(
-            f"- {row['method']}: perplexity {_verdict_phrase(row['ppl_vs_ref'], 'lower', 'higher')}; "
-            f"average accuracy {_verdict_phrase(row['acc_vs_ref'], 'higher', 'lower')}."
+            f"- {row['method']}: perplexity {_verdict_phrase(row, 'ppl', 'lower', 'higher', '.1f')}; "
+            f"average accuracy {_verdict_phrase(row, 'acc', 'higher', 'lower', '.3f')}."
         )
-    resolved = [v.split(")")[-1].strip() for v in others["ppl_vs_ref"]]
+    resolved = others["ppl_verdict"].tolist()
     lines.append(
         f"On perplexity, {resolved.count('better')} of {len(resolved)} rows are resolved better than {reference}, "
         f"{resolved.count('worse')} worse and {resolved.count('not resolved')} not resolved."
@@ -209,14 +209,12 @@ def read_depth_comparison(table: pd.DataFrame, reference: str = "dynamic slicing
     return "\n".join(lines)
 
 
-def _verdict_phrase(cell: str, good: str, bad: str) -> str:
-    """'+1.2 (-0.3, +2.8) not resolved' -> 'not resolved (difference +1.2, interval -0.3 to +2.8)'."""
-    number, rest = cell.split(" (", 1)
-    interval, verdict = rest.split(")", 1)
-    low, high = (v.strip() for v in interval.split(","))
-    verdict = verdict.strip()
+def _verdict_phrase(row: pd.Series, metric: str, good: str, bad: str, fmt: str) -> str:
+    """'resolved lower (difference -11.8, interval -15.2 to -8.0)' from a row's `metric`_diff/_low/_high/_verdict."""
+    verdict = row[f"{metric}_verdict"]
     word = {"better": f"resolved {good}", "worse": f"resolved {bad}"}.get(verdict, verdict)
-    return f"{word} (difference {number}, interval {low} to {high})"
+    diff, low, high = (format(row[f"{metric}_diff{end}"], "+" + fmt) for end in ("", "_low", "_high"))
+    return f"{word} (difference {diff}, interval {low} to {high})"
 
 
 def _verdict_list(rows: pd.DataFrame, column: str, verdict: str) -> str:

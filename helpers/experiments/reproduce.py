@@ -45,7 +45,8 @@ from helpers.evaluation.stats import accuracy_se, perplexity_interval
 from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
 from helpers.evaluation.zeroshot import evaluate_task, in_dtype
 from helpers.experiments import sweeps
-from helpers.experiments.compare import CompareSettings, compare
+from helpers.experiments.compare import CompareSettings, compare, summary_table
+from helpers.experiments.readings import read_depth_comparison
 from helpers.experiments.results import CellCache, Manifest
 from helpers.experiments.sweeps import sb_values
 from helpers.infra import storage
@@ -435,13 +436,16 @@ def speed_workloads(settings: Settings) -> tuple:
 
 
 def speed_table(lab: Lab, cells: pd.DataFrame, cache: CellCache | None = None) -> pd.DataFrame:
-    """Interleaved speed benchmark (`speed`) of dense, constant and best dynamic at every SP, float32.
+    """Interleaved speed benchmark (`speed`) of dense, constant and best dynamic at the first SP, float32.
+
+    One SP keeps the step short: `scripts/bench_speed.py` runs the full-size workloads in both dtypes.
 
     Each model runs in its own worker process; sliced ones are saved once under
     data/sliced/reproduce/. The raw samples are cached as one cell.
     """
     s, cache = lab.settings, cache or CellCache("speed")
     picked = pd.concat([cells[cells["method"].isin(["dense", "constant"])], best_dynamic(cells)])
+    picked = picked[np.isclose(picked["sp"], 0.0) | np.isclose(picked["sp"], s.sps[0])]
     models = {}
     for row in picked.itertuples():
         if row.method == "dense":
@@ -507,9 +511,10 @@ def depth_comparison(settings: Settings, sb: float, out: Path, manifest: Manifes
         dtype=settings.dtype,
     )
     table, _ = compare(compare_settings, progress=progress)
-    manifest.record(
-        storage.write_table(table, out / "depth_comparison"), "depth_comparison", **dataclasses.asdict(compare_settings)
-    )
+    params = dataclasses.asdict(compare_settings)
+    manifest.record(storage.write_table(table, out / "depth_comparison"), "depth_comparison", **params)
+    text = f"{summary_table(table)}\n{read_depth_comparison(table)}\n"
+    manifest.record(write_text_atomic(out / "depth_summary.md", text), "depth_summary", **params)
     return table
 
 
