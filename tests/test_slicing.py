@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from helpers.compression import allocation
 from helpers.compression.ledger import ledger_totals, parameter_ledger
 from helpers.compression.slicing import (
     constant_dims,
@@ -186,7 +188,6 @@ def test_kept_variance_is_a_fraction():
 
 
 def test_ledger_matches_allocation_formula_on_tiny_models():
-    allocation = pytest.importorskip("helpers.compression.allocation")
     for family, tied in [("llama", True), ("llama", False), ("qwen2", False)]:
         model = noisy_model(family, tied=tied)
         shape = allocation.ModelShape.from_config(model.config)
@@ -243,6 +244,10 @@ def test_final_dim_projects_the_last_residual_on_its_principal_directions(tmp_pa
     assert (got - logits(full, ids)).abs().max() > 100 * TOL  # the projection really changed something
     assert tuple(short.lm_head.weight.shape) == (128, k) and info.final_dim == k
     assert "head_4" in info.kept_variance() and ledger_totals(parameter_ledger(short))["head"] == 128 * k
+    shape = allocation.ModelShape.from_config(full.config)
+    counted = allocation.sliced_param_count(shape, np.array(DYNAMIC), tied=tied, final_dim=k)
+    real = ledger_totals(parameter_ledger(short))  # the formula against the real model
+    assert all(real[part] == counted[part] for part in ("total", "head", "embeddings", "mlp", "shortcuts"))
     reloaded, _ = load_sliced(save_sliced(short, None, tmp_path / "sliced"), device="cpu")
     assert torch.equal(logits(reloaded, ids), got) and reloaded.slicing_info.final_dim == k
 

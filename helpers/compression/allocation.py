@@ -189,21 +189,27 @@ def dense_param_count(shape: ModelShape) -> dict[str, int]:
     )
 
 
-def sliced_param_count(shape: ModelShape, dims: np.ndarray, tied: bool | None = None) -> dict[str, int]:
+def sliced_param_count(
+    shape: ModelShape, dims: np.ndarray, tied: bool | None = None, final_dim: int | None = None
+) -> dict[str, int]:
     """Parameters of the model sliced to kept dimensions `dims` (one per layer), same parts as dense.
 
     Tied layout (tied=None follows the shape): the shared V x d table plus a d x d_0 input map
     count as embeddings, the final norm's d-vector scale as head. Untied: V x d_0 embeddings, V x d head
     (plus a V bias when a LayerNorm's bias was folded into it). Post-norm blocks keep their
-    output projections at width d and add a d x d_i and a d x d_{i+1} map.
+    output projections at width d and add a d x d_i and a d x d_{i+1} map. A sliced last residual
+    (`final_dim` < d) gives the head its own V x final_dim matrix in either layout.
     """
     s, d, ly = shape, shape.hidden_size, shape.layer
+    final = d if final_dim is None else int(final_dim)
+    if not 1 <= final <= d:
+        raise ValueError(f"final_dim must be in [1, {d}], got {final_dim}.")
     dims = np.asarray(dims)
     if dims.shape != (s.n_layers,) or not np.issubdtype(dims.dtype, np.integer) or dims.min() < 1 or dims.max() > d:
         raise ValueError(f"dims must be {s.n_layers} integers in [1, {d}] (one per layer), got {dims!r}.")
     tied = s.tied_embeddings if tied is None else tied
     dims_in = dims.astype(np.int64)
-    dims_out = np.append(dims_in[1:], d)  # the last layer's MLP writes full d for the head
+    dims_out = np.append(dims_in[1:], final)  # the last layer's MLP writes what the head reads
     # what the writers write into: the sliced basis, or full d followed by a map in post-norm blocks
     full = np.full(s.n_layers, d)
     written_attn, written_mlp = (full, full) if ly.post_norms else (dims_in, dims_out)
@@ -215,6 +221,8 @@ def sliced_param_count(shape: ModelShape, dims: np.ndarray, tied: bool | None = 
         embeddings, head = s.vocab_size * d + d * dims_in[0], d
     else:
         embeddings, head = s.vocab_size * dims_in[0], s.vocab_size * (d + ly.norm_bias)
+    if final < d:  # the head's own V x final_dim matrix replaces the tied scale or the V x d head
+        head = s.vocab_size * (final + (0 if tied else ly.norm_bias))
     return _with_total(
         {
             "embeddings": embeddings + s.position_rows * dims_in[0],
