@@ -283,6 +283,12 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default=None, help="device for the current layer (default: CUDA if present)")
     p.add_argument("--offload-dir", type=Path, default=None, help="keep calibration activations on disk here")
+    p.add_argument(
+        "--final-dim",
+        type=positive_int,
+        default=None,
+        help="also slice the last residual to this width: the head reads its top principal directions",
+    )
     _out_args(p, "sliced", "folder to write the sliced model to", required=True)
 
 
@@ -308,13 +314,21 @@ def run_slice(args: argparse.Namespace) -> int:
     calib = load_windows(tokenizer, args.calib, args.calib_seqlen, args.calib_windows)
     tied = {"auto": None, "tied": True, "untied": False}[args.layout]
     info = rotate_and_slice(
-        model, calib, dims, tied=tied, batch_size=args.batch_size, device=args.device, offload_dir=args.offload_dir
+        model,
+        calib,
+        dims,
+        tied=tied,
+        batch_size=args.batch_size,
+        device=args.device,
+        offload_dir=args.offload_dir,
+        final_dim=args.final_dim,
     )
     save_sliced(model, tokenizer, args.out)
     params = ledger_totals(parameter_ledger(model))["total"]
     mean_slice = 1 - sum(dims) / (len(dims) * model.config.hidden_size)
     print(f"dims per layer: {dims}")
-    print(f"realised mean slice {mean_slice:.4f}; layout {'tied' if info.tied else 'untied'}")
+    layout = "tied" if info.tied else "untied"
+    print(f"realised mean slice {mean_slice:.4f}; layout {layout}; the head reads {info.final_dim} dimensions")
     print(f"parameters {params:,} (dense {dense:,}; {1 - params / dense:+.2%} removed)")
     print(f"wrote {args.out}")
     return 0
@@ -514,6 +528,8 @@ def preflight(args: argparse.Namespace) -> None:
         if args.command == "slice":
             tokens = args.calib_seqlen * args.calib_windows
             check_calibration_tokens(tokens, config.hidden_size, args.allow_few_tokens)
+            if args.final_dim is not None and args.final_dim > config.hidden_size:
+                raise ValueError(f"--final-dim {args.final_dim} exceeds the hidden size {config.hidden_size}.")
 
 
 def _book_args(p: argparse.ArgumentParser) -> None:

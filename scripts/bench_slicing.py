@@ -2,6 +2,7 @@
 
     python scripts/bench_slicing.py            # SmolLM2-135M, 30%, calib 64 x 512, eval 16 x 512, SB step 0.05
     python scripts/bench_slicing.py --quick    # calib 4 x 128, eval 2 x 128, SB in {SP, 0}
+    python scripts/bench_slicing.py --slicing-only   # only the timed slicing (CPU-seconds, wall, peak RSS)
 
 Dynamic slicing's SB is chosen by the SB sweep (lowest perplexity on --select, a book other than
 --eval). Parameter counts come from the ledger; compression is against the dense model as shipped.
@@ -45,6 +46,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--offload-dir", default=None, help="keep calibration activations on disk here while slicing")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--slicing-only", action="store_true", help="stop after timing the slicing (no sweep, no speed)")
     p.add_argument("--out", default=str(RUNS_DIR / "bench_slicing.json"))
     args = p.parse_args()
     if args.quick:
@@ -84,6 +86,10 @@ def main() -> None:
     }
     slicing.update(calib=f"{args.calib} {args.calib_windows}x{args.calib_seqlen}", device=device_name(device))
     print(f"slicing {args.model} at {args.sp:.0%}: {slicing}", flush=True)  # before the long sweep below
+    if args.slicing_only:
+        write_json_atomic(args.out, {"args": vars(args), "slicing": slicing})
+        print(f"wrote {args.out}")
+        return
 
     # 2. perplexity: dense, constant, dynamic with SB picked by the sweep
     sweep = sb_sweep(model, lr, args.sp, calib, select, step=args.sb_step, eval_ids=held_out)
