@@ -8,7 +8,7 @@
 2. Figures: Figure 1 (allocation at the first SP and its best SB), Figures 2-5
    (accuracy per task and average against SB, constant slicing as a red line),
    the perplexity comparison; the results table (method x SP) as CSV and Markdown.
-3. Speed and memory of dense, constant and best dynamic at each SP: each model
+3. Speed and memory of dense, constant and best dynamic at the first SP: each model
    in its own worker process, repeats interleaved (`helpers.evaluation.speed`).
 4. Depth pruning against slicing at matched parameter counts (`helpers.experiments.compare`).
 5. With `rules` on, after these: allocation rules and SB selection rules compared (`helpers.experiments.rules_report`,
@@ -93,7 +93,7 @@ class Settings:
     task_limits: tuple[tuple[str, int], ...] = ()  # per-task overrides of `limit`
     dtype: str = "bfloat16"  # zero-shot scoring only; slicing and PCA stay float32/float64
     speed_prompt: int = 128
-    speed_new_tokens: int = 32
+    speed_new_tokens: int = 16  # the full-size workloads are scripts/bench_speed.py's
     depth: bool = True  # also run the depth-pruning comparison
     depth_steps: int = 150  # replacement training steps in the depth comparison
     rules: bool = False  # also compare allocation and SB selection rules (helpers.experiments.rules_report)
@@ -222,12 +222,29 @@ def sweep_cells(settings: Settings) -> list[tuple[float, float | None]]:
     return [(0.0, None)] + [(sp, sb) for sp in settings.sps for sb in sb_values(sp, settings.sb_step)]
 
 
+def speed_folder(settings: Settings, sp: float, sb: float) -> Path:
+    """Where the speed step keeps the sliced model of cell (SP, SB)."""
+    key = cache_key(**settings.cell_params(sp=sp, sb=sb))
+    return DATA_DIR / "sliced" / "reproduce" / f"{slug(settings.model)}-{key}"
+
+
 def cell_result(lab: Lab, cache: CellCache, sp: float, sb: float | None) -> dict:
-    """One cell's measurements, from the cache or computed and cached (atomically)."""
+    """One cell's measurements, from the cache or computed and cached (atomically).
+
+    A sliced model at the first SP is also saved for the speed step, which would otherwise slice it again.
+    """
     s = lab.settings
     if sb is None:
         return cache.get_or_compute(s.cell_params(kind="dense"), lambda: lab.measure(lab.model))
-    return cache.get_or_compute(s.cell_params(kind="sliced", sp=sp, sb=sb), lambda: lab.measure(lab.sliced(sp, sb)))
+
+    def compute() -> dict:
+        model = lab.sliced(sp, sb)
+        folder = speed_folder(s, sp, sb)
+        if np.isclose(sp, s.sps[0]) and not (folder / "slicing.json").exists():
+            save_sliced(model, lab.tokenizer, folder)
+        return lab.measure(model)
+
+    return cache.get_or_compute(s.cell_params(kind="sliced", sp=sp, sb=sb), compute)
 
 
 def sweep(lab: Lab, cache: CellCache | None = None) -> pd.DataFrame:
@@ -441,7 +458,7 @@ def speed_table(lab: Lab, cells: pd.DataFrame, cache: CellCache | None = None) -
     One SP keeps the step short: `scripts/bench_speed.py` runs the full-size workloads in both dtypes.
 
     Each model runs in its own worker process; sliced ones are saved once under
-    data/sliced/reproduce/. The raw samples are cached as one cell.
+    data/sliced/reproduce/ (`speed_folder`). The raw samples are cached as one cell.
     """
     s, cache = lab.settings, cache or CellCache("speed")
     picked = pd.concat([cells[cells["method"].isin(["dense", "constant"])], best_dynamic(cells)])
@@ -451,10 +468,8 @@ def speed_table(lab: Lab, cells: pd.DataFrame, cache: CellCache | None = None) -
         if row.method == "dense":
             models["dense"] = s.model
             continue
-        folder = (
-            DATA_DIR / "sliced" / "reproduce" / f"{slug(s.model)}-{cache_key(**s.cell_params(sp=row.sp, sb=row.sb))}"
-        )
-        if not (folder / "slicing.json").exists():
+        folder = speed_folder(s, row.sp, row.sb)
+        if not (folder / "slicing.json").exists():  # saved by the sweep unless its cell came from the cache
             save_sliced(lab.sliced(row.sp, row.sb), lab.tokenizer, folder)
         models[f"{row.method} SP={row.sp:g} SB={row.sb:g}"] = str(folder)
     workloads = speed_workloads(s)

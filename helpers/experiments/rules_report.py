@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from helpers.compression import rules
 from helpers.compression.allocation import ModelShape
@@ -80,8 +81,10 @@ def rules_cells(lab: Lab, sps: tuple[float, ...], cache: CellCache | None = None
     shape = ModelShape.from_config(lab.model.config)
     rows, scores, eigenvalues = [], {}, spectra(lab, cache)
     for sp in sps:
+        if lab.progress:
+            print(f"allocation rules at SP {sp:g}: per-layer scores (gradient and measured sensitivity take longest)")
         scores[sp] = layer_scores(lab, sp, cache)
-        for rule in rules.RULES:
+        for rule in tqdm(rules.RULES, desc=f"rules at SP {sp:g}", unit="rule", disable=not lab.progress):
             dims = rules.rule_dims(rule, shape, sp, scores[sp], eigenvalues)
             row = {"rule": rule, "sp": sp, "dims": " ".join(str(int(d)) for d in dims)}
             row["energy"] = rules.kept_energy(eigenvalues, dims)
