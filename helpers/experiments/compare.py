@@ -298,7 +298,7 @@ def comparison_table(cells: dict[str, dict], plan_: dict, reference: str = "dyna
             ses.append(stats.accuracy_se(_correct(result)))
             ref_dense = dense["tasks"][task]
             stabs.append(stability(ref_dense["scores"], result["scores"], ref_dense["labels"]))
-        tasks = list(cell["tasks"])
+        tasks = sorted(cell["tasks"])  # one order whether the cell was computed or read back from the cache
         acc = stats.paired_average(
             [_correct(cell["tasks"][t]) for t in tasks], [_correct(ref["tasks"][t]) for t in tasks]
         )
