@@ -25,7 +25,7 @@ from helpers.compression.checkpoints import load_model
 from helpers.evaluation import stats
 from helpers.evaluation.tasks import TASKS, datasets_dir, paper_metric
 from helpers.evaluation.zeroshot import evaluate
-from helpers.experiments.reproduce import MODEL_NAME
+from helpers.models.loading import DEFAULT_MODEL, model_label
 
 # the harness's own task definitions, relative to lm_eval/tasks/
 HARNESS_TASKS = {
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     tasks = args.tasks.split(",")
-    model, tokenizer = load_model(device="cpu")
+    model, tokenizer = load_model(DEFAULT_MODEL, device="cpu")
     try:
         import lm_eval  # noqa: F401
 
@@ -96,7 +96,8 @@ def main() -> None:
                     scorer = "shared" if name == "lab shared" else "full"
                     results[name] = evaluate(model, tokenizer, tasks, args.limit, 16, scorer)
                 times[name].append(time.perf_counter() - start)
-    print(f"{MODEL_NAME}, float32, CPU threads {torch.get_num_threads()}, {n} questions ({args.limit} per task)")
+    threads = torch.get_num_threads()
+    print(f"{model_label(DEFAULT_MODEL)}, float32, CPU threads {threads}, {n} questions ({args.limit} per task)")
     rate = {name: n / np.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"  {name:14s} {rate[name]:7.2f} questions/s  (times {', '.join(f'{x:.1f}' for x in t)} s)")

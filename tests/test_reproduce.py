@@ -13,6 +13,7 @@ import pytest
 
 from helpers.experiments import reproduce
 from helpers.experiments.reproduce import SIZES, best_dynamic, flatten, results_table
+from helpers.models.loading import model_label
 
 
 def cell(method, sp, sb, ppl_select, acc, correct=(1, 0) * 5, nll=(3.0,) * 4):
@@ -72,11 +73,11 @@ def test_comparisons_give_paired_verdicts_and_generated_statements():
     assert table.loc["piqa", "verdict"] == "better" and table.loc["average", "verdict"] == "better"
     assert table.loc["perplexity", "verdict"] == "not resolved" and table.loc["perplexity", "diff"] == 0
     assert table.loc["piqa", "holm_p"] == pytest.approx(min(1.0, 2 * table.loc["piqa", "mcnemar_p"]))
-    text = reproduce.comparison_statements(table.reset_index())
+    text = reproduce.comparison_statements(table.reset_index(), model_label("smollm2-135m"))
     assert "SmolLM2-135M-Instruct, Q4_1 weights dequantised to float32" in text
     assert "**better**" in text and "**not resolved**" in text and "2 paired accuracy comparisons" in text
     settings = reproduce.Settings(tasks=tasks, eval_texts=("great-expectations",))
-    summary = reproduce.results_summary(results_table(cells, tasks), table.reset_index(), settings)
+    summary = reproduce.results_summary(results_table(cells, tasks), table.reset_index(), settings, bos=False)
     assert "| constant | 0.30 | 0.30 |" in summary and "+/-" in summary and text in summary
     intervals = reproduce.reading_intervals(cells, tasks)
     assert intervals["accuracy_intervals"][0.3] == tuple(table.loc["average", ["low", "high"]])

@@ -62,3 +62,22 @@ def test_cache_key_changes_when_the_computing_function_changes(tmp_path, monkeyp
     assert second != first
     cache = CellCache("cells", root=tmp_path)
     assert cache.path({"sp": 0.3, "code": first}) != cache.path({"sp": 0.3, "code": second})
+
+
+def test_fingerprint_of_one_class_ignores_the_rest_of_its_module(tmp_path, monkeypatch):
+    """A cell keyed by `Lab`'s source survives an edit to a report function beside it, not an edit to `Lab`."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "t11_lab_code.py"
+
+    def load(lab_body: str, report_body: str):
+        module.write_text(f"class Lab:\n    def measure(self):\n        {lab_body}\n\n\ndef report():\n    {report_body}\n")
+        sys.modules.pop("t11_lab_code", None)
+        importlib.invalidate_caches()
+        return importlib.import_module("t11_lab_code")
+
+    first = code_fingerprint(load("return 1", "return 'table v1'").Lab)
+    assert code_fingerprint(load("return 1", "return 'table v2, reworded'").Lab) == first
+    assert code_fingerprint(load("return 2", "return 'table v2, reworded'").Lab) != first

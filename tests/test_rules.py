@@ -181,7 +181,7 @@ def test_rules_table_verdicts_come_from_the_paired_intervals():
     assert table.loc["lr", "acc_verdict_vs_constant"] == "not resolved"  # the same answers: a zero-width interval at 0
     text = read_rules_table(table.reset_index())
     assert "better for lr, spare_ends" in text and "LR's shape matters" not in text
-    assert readme_table(table.reset_index()).count("\n| ") == 5  # header rule line plus four rules
+    assert readme_table(table.reset_index(), "m").count("\n| ") == 5  # header rule line plus four rules
 
 
 @pytest.mark.parametrize(

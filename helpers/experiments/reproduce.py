@@ -52,12 +52,12 @@ from helpers.experiments.sweeps import sb_values
 from helpers.infra import storage
 from helpers.infra.integrity import code_fingerprint
 from helpers.infra.storage import DATA_DIR, FIGURES_DIR, cache_key, slug, write_text_atomic
-from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, load_split, load_windows
-from helpers.models.loading import DEFAULT_MODEL
+from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, bos_id, load_split, load_windows
+from helpers.models.loading import DEFAULT_MODEL, model_label
 from helpers.ui import plots
 
-MODEL_NAME = "SmolLM2-135M-Instruct, Q4_1 weights dequantised to float32"  # the default model, named exactly
-# The modules whose source shapes a sweep cell's numbers: a change to any of them computes fresh cells.
+# The modules whose source shapes a sweep cell's numbers: a change to any of them computes fresh cells. Of this
+# module only `Lab` and `cell_result` compute cells (`Settings.cell_params` adds them); the rest writes reports.
 CELL_CODE = (
     "helpers.compression.allocation",
     "helpers.analysis.redundancy",
@@ -69,8 +69,8 @@ CELL_CODE = (
     "helpers.infra.textdata",
     "helpers.models.loading",
     "helpers.compression.checkpoints",
+    "helpers.compression.ledger",
     "helpers.experiments.sweeps",
-    "helpers.experiments.reproduce",
 )
 
 
@@ -117,7 +117,8 @@ class Settings:
             "dtype",
             "seed",
         )
-        return {**{k: getattr(self, k) for k in keep}, "code": code_fingerprint(*CELL_CODE), **coordinates}
+        code = code_fingerprint(*CELL_CODE, Lab, cell_result)
+        return {**{k: getattr(self, k) for k in keep}, "code": code, **coordinates}
 
     def task_limit(self, task: str) -> int | None:
         """Questions scored for `task`."""
@@ -374,7 +375,7 @@ def _interval(comparison) -> tuple[float, float]:
     return comparison.low, comparison.high
 
 
-def comparison_statements(table: pd.DataFrame, model: str = MODEL_NAME) -> str:
+def comparison_statements(table: pd.DataFrame, model: str) -> str:
     """README sentences on dynamic vs constant slicing, generated from the paired intervals."""
     lines = []
     for sp, rows in table.groupby("sp"):
@@ -404,16 +405,19 @@ def write_table(table: pd.DataFrame, stem: Path, manifest: Manifest, step: str, 
     return files
 
 
-def results_summary(results: pd.DataFrame, comparisons: pd.DataFrame, settings: Settings) -> str:
-    """The README's results table and statements: accuracy +/- SE, perplexity with its 95% interval."""
+def results_summary(results: pd.DataFrame, comparisons: pd.DataFrame, settings: Settings, bos: bool) -> str:
+    """The README's results table and statements: accuracy +/- SE, perplexity with its 95% interval.
+
+    `bos`: whether every window starts with the BOS token (the model family's choice).
+    """
     tasks = list(settings.tasks)
     sizes = ", ".join(f"{t} {settings.task_limit(t) or 'all'}" for t in tasks)
     lines = [
-        f"{MODEL_NAME}; {int(results['questions'].iloc[0])} questions per model "
+        f"{model_label(settings.model)}; {int(results['questions'].iloc[0])} questions per model "
         f"({sizes}), zero-shot scored in "
         f"{settings.dtype}; perplexity on {len(settings.eval_texts) * settings.eval_windows} x {settings.seqlen} "
-        f"tokens of {', '.join(settings.eval_texts)} (no BOS). Accuracy +/- one standard error; "
-        "perplexity with its 95% bootstrap interval over windows.",
+        f"tokens of {', '.join(settings.eval_texts)} ({'BOS first' if bos else 'no BOS'}). "
+        "Accuracy +/- one standard error; perplexity with its 95% bootstrap interval over windows.",
         "",
         "| method | SP | SB | realised slice | parameters | average accuracy | perplexity (95% interval) |",
         "|---|---|---|---|---|---|---|",
@@ -428,17 +432,19 @@ def results_summary(results: pd.DataFrame, comparisons: pd.DataFrame, settings: 
     return (
         "\n".join(lines)
         + "\n\nDynamic minus constant slicing at the same parameter count (paired):\n\n"
-        + (comparison_statements(comparisons))
+        + comparison_statements(comparisons, model_label(settings.model))
     )
 
 
 def write_comparisons(
-    cells: pd.DataFrame, results: pd.DataFrame, settings: Settings, out: Path, manifest: Manifest
+    cells: pd.DataFrame, results: pd.DataFrame, lab: Lab, out: Path, manifest: Manifest
 ) -> pd.DataFrame:
     """The paired dynamic-vs-constant table and the README text generated from it (`results_summary.md`)."""
+    settings = lab.settings
     table = comparisons_table(cells, settings.tasks)
     write_table(table, out / "comparisons", manifest, "comparisons", **settings.cell_params())
-    text = write_text_atomic(out / "results_summary.md", results_summary(results, table, settings))
+    summary = results_summary(results, table, settings, bos=bos_id(lab.tokenizer) is not None)
+    text = write_text_atomic(out / "results_summary.md", summary)
     manifest.record(text, "results_summary", **settings.cell_params())
     return table
 
@@ -549,7 +555,7 @@ def reproduce(
     tables = {"cells": cells, "results": results_table(cells, settings.tasks)}
     write_table(cells, out / "sweep_cells", manifest, "sweep", **settings.cell_params())
     write_table(tables["results"], out / "results_table", manifest, "results_table", **settings.cell_params())
-    tables["comparisons"] = write_comparisons(cells, tables["results"], settings, out, manifest)
+    tables["comparisons"] = write_comparisons(cells, tables["results"], lab, out, manifest)
     figures(lab, cells, out, manifest)
     tables["speed"] = speed_table(lab, cells)
     write_table(

@@ -24,10 +24,11 @@ from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation import sensitivity, stats
 from helpers.experiments import sb_selection
 from helpers.experiments.readings import read_rules_table, read_sb_selection
-from helpers.experiments.reproduce import MODEL_NAME, Lab, Settings, cell_result, flatten, sweep, write_table
+from helpers.experiments.reproduce import Lab, Settings, cell_result, flatten, sweep, write_table
 from helpers.experiments.results import CellCache, Manifest
 from helpers.infra.integrity import code_fingerprint
 from helpers.infra.storage import write_text_atomic
+from helpers.models.loading import model_label
 from helpers.ui import plots
 
 SCORE_COLUMNS = ("lr", "block_influence", "angular", "spectral", "gradient", "measured")
@@ -136,10 +137,11 @@ def rules_table(cells: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def readme_table(table: pd.DataFrame) -> str:
-    """The README's compact rules table: perplexity with its interval, accuracy +/- SE, the four verdicts."""
+def readme_table(table: pd.DataFrame, model: str) -> str:
+    """The README's compact rules table for `model` (named exactly): perplexity with its interval, accuracy +/- SE,
+    the four verdicts."""
     lines = [
-        f"{MODEL_NAME}; paired 95% bootstrap verdicts (perplexity: lower is better).",
+        f"{model}; paired 95% bootstrap verdicts (perplexity: lower is better).",
         "",
         "| rule | SP | parameters | perplexity (95% interval) | average accuracy | ppl vs constant | ppl vs LR "
         "| accuracy vs constant | accuracy vs LR |",
@@ -183,10 +185,15 @@ def write_rules(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest: Manife
     write_table(tables["rules"], out / "allocation_rules", manifest, "allocation_rules", **params)
     write_table(tables["correlations"], out / "rule_correlations", manifest, "rule_correlations", **params)
     write_table(tables["sb_selection"], out / "sb_selection", manifest, "sb_selection", **params)
-    fig = plots.plot_rule_scores(scores[s.rules_sps[0]], f"{MODEL_NAME}\nper-layer scores at SP {s.rules_sps[0]}")
+    title = f"{model_label(s.model)}\nper-layer scores at SP {s.rules_sps[0]}"
+    fig = plots.plot_rule_scores(scores[s.rules_sps[0]], title)
     manifest.record(plots.save_figure(fig, out / "allocation_rules_scores"), "rule_scores", **params)
     text = "\n\n".join(
-        [readme_table(tables["rules"]), read_rules_table(tables["rules"]), read_sb_selection(tables["sb_selection"])]
+        [
+            readme_table(tables["rules"], model_label(s.model)),
+            read_rules_table(tables["rules"]),
+            read_sb_selection(tables["sb_selection"]),
+        ]
     )
     manifest.record(write_text_atomic(out / "allocation_rules_summary.md", text + "\n"), "rules_summary", **params)
     return tables

@@ -105,14 +105,18 @@ def package_versions() -> dict[str, str]:
 
 
 @functools.cache
-def _source_hash(module: ModuleType) -> str:
-    """Hash of a module's source as first read in this process (editing the file mid-run changes nothing)."""
-    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
+def _source_hash(code: ModuleType | type | Callable) -> str:
+    """Hash of a module's, class's or function's source as first read in this process (editing the file mid-run
+    changes nothing)."""
+    return hashlib.sha256(inspect.getsource(code).encode()).hexdigest()
 
 
-def code_fingerprint(*modules: ModuleType | str) -> str:
-    """Hash of the source of the modules (objects or dotted names) that compute a cached value, and of the
-    package versions: edited code, or a torch/transformers upgrade, computes fresh values instead of reusing old ones.
+def code_fingerprint(*modules: ModuleType | type | Callable | str) -> str:
+    """Hash of the source of the code that computes a cached value, and of the package versions: edited code, or a
+    torch/transformers upgrade, computes fresh values instead of reusing old ones.
+
+    Modules (objects or dotted names), or single classes and functions where the rest of their module only
+    reports results, so that editing a table's wording does not discard computed cells.
     """
     digest = hashlib.sha256(json.dumps(package_versions(), sort_keys=True).encode())
     for module in modules:

