@@ -65,6 +65,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def step_fraction(text: str) -> float:
+    """argparse type: a grid step in (0, 1)."""
+    value = fraction(text)
+    if value == 0:
+        raise ValueError(text)
+    return value
+
+
 def positive_ints(text: str) -> list[int]:
     """argparse type: comma-separated integers >= 1."""
     values = [positive_int(v) for v in text.split(",") if v.strip()]
@@ -444,6 +452,8 @@ def _rules_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="the reproduce sizes to run at")
     p.add_argument("--sps", type=fraction, nargs="+", default=None, help="SPs to compare (default: the size's)")
+    p.add_argument("--sb-step", type=step_fraction, default=None, help="SB grid step (default: the size's)")
+    p.add_argument("--sb-only", action="store_true", help="compare only the SB selection rules (no allocation rules)")
     p.add_argument("--out", type=Path, required=True, help="output folder (e.g. data/rules_run); tables and figure")
 
 
@@ -457,8 +467,9 @@ def run_rules(args: argparse.Namespace) -> int:
 
     settings = dataclasses.replace(SIZES[args.size], model=args.model)
     sps = tuple(args.sps or settings.rules_sps)
-    run(dataclasses.replace(settings, sps=sps, rules_sps=sps), args.out)
-    print(f"allocation rules written to {args.out}")
+    step = args.sb_step or settings.sb_step
+    run(dataclasses.replace(settings, sps=sps, rules_sps=sps, sb_step=step), args.out, allocation=not args.sb_only)
+    print(f"{'SB selection' if args.sb_only else 'allocation and SB selection'} rules written to {args.out}")
     return 0
 
 

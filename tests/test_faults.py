@@ -114,6 +114,7 @@ BAD_INPUTS = [  # (argv with {w} for the world folder, environment, part of the 
     (["slice", "--sp", "0.3", "--final-dim", "100000", "--model", "{w}/tiny", "--out", "{w}/new"], {}, "hidden size"),
     (["allocate", "--lr", "{w}/lr.csv", "--sp", "0.3", "--sb", "-0.1"], {}, "--sb"),
     (["speed", "--batch-sizes", "1,0"], {}, "--batch-sizes"),
+    (["rules", "--sb-step", "0", "--sb-only", "--out", "{w}/new"], {}, "--sb-step"),
     (["frobnicate"], {}, "invalid choice"),
     (["lr", "--model", "nonexistent-model"], {}, "Unknown model"),
     (["lr", "--model", "{w}/user"], {}, "config.json"),

@@ -13,6 +13,8 @@ import pytest
 
 from helpers.experiments import reproduce
 from helpers.experiments.reproduce import SIZES, best_dynamic, flatten, results_table
+from helpers.experiments.rules_report import run_rules
+from helpers.experiments.sb_selection import SELECTION_RULES
 from helpers.models.loading import model_label
 
 
@@ -123,6 +125,15 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
     assert (speed.loc[speed["model"] == "dense", "ratio_to_dense"] == 1).all()
 
     assert reproduce.check(settings, tmp_path) < 1e-4  # `reproduce --check`: the committed cells come back
+
+    finer = dataclasses.replace(settings, sb_step=0.15)  # `rules --sb-only --sb-step 0.15`: one new cell, SB = 0.15
+    run_rules(finer, tmp_path / "sb", progress=False, allocation=False)
+    sb = pd.read_csv(tmp_path / "sb" / "sb_selection.csv")
+    assert set(sb["rule"]) == set(SELECTION_RULES) and (sb["candidates"] == 2).all()
+    assert {float(v) for v in " ".join(sb["picked_sb"].astype(str)).replace(",", " ").split()} <= {0.0, 0.15}
+    text = (tmp_path / "sb" / "sb_selection_summary.md").read_text()
+    assert text.startswith(model_label(settings.model)) and "steps of 0.15" in text
+    assert not (tmp_path / "sb" / "allocation_rules.csv").exists()
 
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("a cached cell was recomputed")

@@ -73,7 +73,8 @@ def test_fingerprint_of_one_class_ignores_the_rest_of_its_module(tmp_path, monke
     module = tmp_path / "t11_lab_code.py"
 
     def load(lab_body: str, report_body: str):
-        module.write_text(f"class Lab:\n    def measure(self):\n        {lab_body}\n\n\ndef report():\n    {report_body}\n")
+        lab = f"class Lab:\n    def measure(self):\n        {lab_body}\n"
+        module.write_text(f"{lab}\n\ndef report():\n    {report_body}\n")
         sys.modules.pop("t11_lab_code", None)
         importlib.invalidate_caches()
         return importlib.import_module("t11_lab_code")

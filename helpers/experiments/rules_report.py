@@ -199,9 +199,26 @@ def write_rules(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest: Manife
     return tables
 
 
-def run_rules(settings: Settings, out: Path, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """`python -m helpers rules`: the sweep at `settings` (cached) and the rules step, written into `out`."""
+def write_sb_selection(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest: Manifest) -> pd.DataFrame:
+    """Only the SB selection rules: `sb_selection` (.csv + .md) and its reading `sb_selection_summary.md`."""
+    s = lab.settings
+    params = {**_params(s), "rules_code": code_fingerprint(sys.modules[__name__]), "sb_step": s.sb_step}
+    table = sb_selection_table(sweep_cells, s)
+    write_table(table, out / "sb_selection", manifest, "sb_selection", **params)
+    head = f"{model_label(s.model)}; candidate SBs from SP down to 0 in steps of {s.sb_step:g}, SPs "
+    text = head + ", ".join(f"{sp:g}" for sp in s.sps) + ".\n\n" + read_sb_selection(table) + "\n"
+    manifest.record(write_text_atomic(out / "sb_selection_summary.md", text), "sb_selection_summary", **params)
+    return table
+
+
+def run_rules(settings: Settings, out: Path, progress: bool = True, allocation: bool = True) -> dict[str, pd.DataFrame]:
+    """`python -m helpers rules`: the sweep at `settings` (cached) and the rules step, written into `out`.
+
+    `allocation=False` compares only the SB selection rules (no allocation-rules cells: a finer SB grid is cheap).
+    """
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out, model=settings.model, seed=settings.seed, settings=dataclasses.asdict(settings))
     lab = Lab(settings, progress)
+    if not allocation:
+        return {"sb_selection": write_sb_selection(lab, sweep(lab), out, manifest)}
     return write_rules(lab, sweep(lab), out, manifest)
