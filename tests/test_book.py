@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from helpers.infra.storage import FIGURES_DIR, atomic_path
-from helpers.ui.book import build, gallery_page, lesson_paths
+from helpers.ui.book import build, gallery_page, lesson_paths, results_page
 
 LESSONS = [path.stem for path in lesson_paths()]
 REFERENCE_PAGES = ["index", "method", "results", "gallery"]
@@ -24,6 +24,21 @@ def test_gallery_lists_every_figure_with_its_manifest_entry(tmp_path):
     page = gallery_page(tmp_path, "fast")
     assert "![a](figures/a.png)" in page and "Step `figure1`, written today: sp = 0.3." in page
     assert "![b](figures/b.png)" in page and "Not in the manifest" in page and "Built in fast mode" in page
+
+
+def test_other_models_get_their_own_gallery_and_tables_sections(tmp_path):
+    other = tmp_path / "gemma3-270m"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"model": "gemma3-270m", "files": {"c.png": {"step": "s"}}}))
+    (other / "c.png").write_bytes(b"")
+    (other / "results_summary.md").write_text("| x |")
+    (tmp_path / "notes").mkdir()  # a folder without a manifest is not a model's gallery
+    (tmp_path / "notes" / "d.png").write_bytes(b"")
+    heading = "## Gemma-3-270m, Q4_K_M weights dequantised to float32 (`figures/gemma3-270m/`)"
+    page = gallery_page(tmp_path, "fast")
+    assert heading in page and "![c](figures/gemma3-270m/c.png)" in page and "d.png" not in page
+    tables = results_page(tmp_path, "fast")
+    assert heading in tables and "### results summary" in tables and "| x |" in tables
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from helpers.infra.storage import FIGURES_DIR, REPO_ROOT, atomic_path
+from helpers.models.loading import model_label
 
 BOOK_DIR = REPO_ROOT / "book"  # committed sources: _config.yml, _toc.yml, index.md
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -74,44 +75,72 @@ def execute_lesson(path: Path, out: Path, mode: str, figures_dir: Path) -> list[
     return errors
 
 
+def model_folders(figures: Path) -> list[Path]:
+    """Other models' galleries: subfolders that `reproduce --model NAME --out figures/NAME` wrote (with a manifest)."""
+    return sorted(p for p in figures.iterdir() if p.is_dir() and (p / "manifest.json").exists())
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
+
+
+def _figure_sections(folder: Path, link: str, level: str) -> list[str]:
+    """One section per PNG in `folder` (linked as `link`/name) with the settings its manifest records."""
+    entries = _manifest(folder).get("files", {})
+    lines = []
+    for png in sorted(folder.glob("*.png")):
+        entry = entries.get(png.name)
+        lines += [f"{level} {png.stem.replace('_', ' ')}", "", f"![{png.stem}]({link}/{png.name})", ""]
+        if entry:
+            params = ", ".join(f"{k} = {v}" for k, v in sorted(entry.get("params", {}).items()))
+            lines += [f"Step `{entry.get('step')}`, written {entry.get('written')}: {params}.", ""]
+        else:
+            lines += ["Not in the manifest (written by a test or a benchmark script, see the README).", ""]
+    return lines
+
+
+def _model_heading(folder: Path, figures: Path) -> str:
+    model = _manifest(folder).get("model", folder.name)
+    return f"## {model_label(model)} (`figures/{folder.relative_to(figures)}/`)"
+
+
 def gallery_page(figures: Path, mode: str) -> str:
-    """Markdown for the gallery: every committed figure with the settings its manifest records."""
-    manifest = json.loads((figures / "manifest.json").read_text()) if (figures / "manifest.json").exists() else {}
-    entries = manifest.get("files", {})
+    """Markdown for the gallery: every committed figure with the settings its manifest records, other models last."""
     lines = [
         "# Gallery",
         "",
         "The figures committed in `figures/`, written by `python -m helpers reproduce` (reduced size on",
         "SmolLM2-135M-Instruct, Q4_1 weights dequantised to float32), each with the settings its manifest",
         "(`figures/manifest.json`) records. These are the committed figures whatever mode built the lessons.",
+        "Other models' galleries (`reproduce --model NAME --out figures/NAME`) follow.",
         "",
         mode_banner(mode),
         "",
+        *_figure_sections(figures, "figures", "##"),
     ]
-    for png in sorted(figures.glob("*.png")):
-        entry = entries.get(png.name)
-        lines += [f"## {png.stem.replace('_', ' ')}", "", f"![{png.stem}](figures/{png.name})", ""]
-        if entry:
-            params = ", ".join(f"{k} = {v}" for k, v in sorted(entry.get("params", {}).items()))
-            lines += [f"Step `{entry.get('step')}`, written {entry.get('written')}: {params}.", ""]
-        else:
-            lines += ["Not in the manifest (written by a test or a benchmark script, see the README).", ""]
+    for folder in model_folders(figures):
+        link = f"figures/{folder.relative_to(figures)}"
+        lines += [_model_heading(folder, figures), "", *_figure_sections(folder, link, "###")]
     return "\n".join(lines)
 
 
 def results_page(figures: Path, mode: str) -> str:
-    """Markdown for the result tables that `python -m helpers reproduce` writes."""
+    """Markdown for the result tables that `python -m helpers reproduce` writes, other models last."""
     lines = [
         "# Result tables",
         "",
         "The tables committed in `figures/` (reduced size, SmolLM2-135M-Instruct, Q4_1 weights dequantised",
-        "to float32); lesson 04 explains how to read them.",
+        "to float32); lesson 04 explains how to read them. Other models' tables follow.",
         "",
         mode_banner(mode),
         "",
     ]
     for table in sorted(figures.glob("*.md")):
         lines += [f"## {table.stem.replace('_', ' ')}", "", table.read_text().strip(), ""]
+    for folder in model_folders(figures):
+        lines += [_model_heading(folder, figures), ""]
+        for table in sorted(folder.glob("*.md")):
+            lines += [f"### {table.stem.replace('_', ' ')}", "", table.read_text().strip(), ""]
     return "\n".join(lines)
 
 
