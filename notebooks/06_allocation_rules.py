@@ -181,6 +181,22 @@ else:
     print("figures/allocation_rules.csv not written yet: run `python -m helpers reproduce --rules`")
 
 # %% [markdown]
+# The same table on a second architecture, Gemma-3-270m, once
+# `python -m helpers reproduce --model gemma3-270m --rules --no-depth --out figures/gemma3-270m` has
+# written its gallery. Gemma normalises each branch's output before the residual add, so a sliced
+# Gemma carries two extra maps per layer (lesson 03) and its parameter budget buys less. Look at
+# whether the order of the rules is the same as on SmolLM2, and at which verdicts change.
+
+# %%
+other = FIGURES_DIR / "gemma3-270m" / "allocation_rules.csv"
+if other.exists():
+    table = pd.read_csv(other)
+    display(Markdown(table[["rule", "sp", "params", "perplexity", "ppl_low", "ppl_high", "average"]].to_markdown()))
+    display(Markdown(read_rules_table(table)))
+else:
+    print("figures/gemma3-270m/allocation_rules.csv not written yet (command above)")
+
+# %% [markdown]
 # ## 5. Choosing SB on data the choice never sees
 #
 # The SB sweep (lesson 04) measures every candidate SB on a selection book, three held-out books
@@ -227,7 +243,14 @@ else:
 #
 # </details>
 #
-# 2. **Fisher instead of Taylor.** Replace the absolute first-order term by the Fisher estimate
+# 2. **More candidates.** At `reduced` sizes the SB grid has a step of 0.2, so each SP offers
+#    only two candidates below SP. Run
+#    `python -m helpers rules --sb-only --sb-step 0.05 --sps 0.3 0.4 --out data/runs/sb_fine` and read
+#    `data/runs/sb_fine/sb_selection_summary.md`. Does the paper's rule still find the best SB as often?
+#    With six to eight candidates a rule can miss by a little or by a lot: compare the regret columns
+#    with the two-candidate table above (the README quotes both runs).
+#
+# 3. **Fisher instead of Taylor.** Replace the absolute first-order term by the Fisher estimate
 #    $\tfrac12 \sum_t (g_t \cdot \Delta x_t)^2$ and compare its layer ranking with the gradient
 #    score by Spearman correlation.
 #
@@ -239,7 +262,7 @@ else:
 #
 # </details>
 #
-# 3. **A fourth SB selection rule.** Add "lowest perplexity on the calibration windows themselves"
+# 4. **A fourth SB selection rule.** Add "lowest perplexity on the calibration windows themselves"
 #    to the comparison. Predict first: better or worse than the selection book?
 #
 # <details><summary>Solution</summary>
