@@ -169,32 +169,22 @@ if MEASURE_RULES:
 # One perplexity per rule has no interval. `python -m helpers rules` (or `reproduce --rules`)
 # measures each rule on three held-out books and the zero-shot tasks and compares every rule with
 # constant slicing and with LR by a paired bootstrap. The reading below is generated from that table
-# when it has been written into `figures/`.
+# when it has been written into `figures/`; after it, the same table on a second architecture,
+# Gemma-3-270m, once `python -m helpers reproduce --model gemma3-270m --rules --no-depth --out
+# figures/gemma3-270m` has written its gallery. Gemma normalises each branch's output before the
+# residual add, so a sliced Gemma carries two extra maps per layer (lesson 03) and its budget buys
+# less. Look at whether the rules come in the same order on both models, and which verdicts change.
 
 # %%
-committed = FIGURES_DIR / "allocation_rules.csv"
-if committed.exists():
+for folder in (FIGURES_DIR, FIGURES_DIR / "gemma3-270m"):
+    committed = folder / "allocation_rules.csv"
+    if not committed.exists():
+        print(f"{committed} not written yet: run `python -m helpers reproduce --rules` (command above for Gemma)")
+        continue
     table = pd.read_csv(committed)
+    display(Markdown(f"**{committed.relative_to(FIGURES_DIR.parent)}**"))
     display(Markdown(table[["rule", "sp", "params", "perplexity", "ppl_low", "ppl_high", "average"]].to_markdown()))
     display(Markdown(read_rules_table(table)))
-else:
-    print("figures/allocation_rules.csv not written yet: run `python -m helpers reproduce --rules`")
-
-# %% [markdown]
-# The same table on a second architecture, Gemma-3-270m, once
-# `python -m helpers reproduce --model gemma3-270m --rules --no-depth --out figures/gemma3-270m` has
-# written its gallery. Gemma normalises each branch's output before the residual add, so a sliced
-# Gemma carries two extra maps per layer (lesson 03) and its parameter budget buys less. Look at
-# whether the order of the rules is the same as on SmolLM2, and at which verdicts change.
-
-# %%
-other = FIGURES_DIR / "gemma3-270m" / "allocation_rules.csv"
-if other.exists():
-    table = pd.read_csv(other)
-    display(Markdown(table[["rule", "sp", "params", "perplexity", "ppl_low", "ppl_high", "average"]].to_markdown()))
-    display(Markdown(read_rules_table(table)))
-else:
-    print("figures/gemma3-270m/allocation_rules.csv not written yet (command above)")
 
 # %% [markdown]
 # ## 5. Choosing SB on data the choice never sees
