@@ -99,6 +99,14 @@ def _figure_sections(folder: Path, link: str, level: str) -> list[str]:
     return lines
 
 
+def _table_sections(folder: Path, level: str) -> list[str]:
+    """One section per Markdown table in `folder`, pasted as written."""
+    lines = []
+    for table in sorted(folder.glob("*.md")):
+        lines += [f"{level} {table.stem.replace('_', ' ')}", "", table.read_text().strip(), ""]
+    return lines
+
+
 def _model_heading(folder: Path, figures: Path) -> str:
     model = _manifest(folder).get("model", folder.name)
     return f"## {model_label(model)} (`figures/{folder.relative_to(figures)}/`)"
@@ -135,12 +143,9 @@ def results_page(figures: Path, mode: str) -> str:
         mode_banner(mode),
         "",
     ]
-    for table in sorted(figures.glob("*.md")):
-        lines += [f"## {table.stem.replace('_', ' ')}", "", table.read_text().strip(), ""]
+    lines += _table_sections(figures, "##")
     for folder in model_folders(figures):
-        lines += [_model_heading(folder, figures), ""]
-        for table in sorted(folder.glob("*.md")):
-            lines += [f"### {table.stem.replace('_', ' ')}", "", table.read_text().strip(), ""]
+        lines += [_model_heading(folder, figures), "", *_table_sections(folder, "###")]
     return "\n".join(lines)
 
 
