@@ -562,13 +562,21 @@ def run_book(args: argparse.Namespace) -> int:
     return 1 if any(report.errors.values()) else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `argv`, only the command it names gets its arguments.
+
+    Some commands' argument lists import their stage (choices such as reproduce's
+    sizes); building only the named one keeps `slice`, `--help` and argument errors
+    from importing the book builder and matplotlib.
+    """
+    named = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
     parser = Parser(prog="python -m helpers", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details; show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, func) in COMMANDS.items():
         p = sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0])
-        add_arguments(p)
+        if named is None or name == named:
+            add_arguments(p)
         p.set_defaults(func=func)
     return parser
 
@@ -577,7 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; any error is one line on stderr and exit code 2 (a traceback only with -v)."""
     verbose = False
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(argv).parse_args(argv)
         verbose = args.verbose
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         preflight(args)

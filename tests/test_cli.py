@@ -29,3 +29,24 @@ def test_lr_command_writes_csv_and_plot(tmp_path, capsys):
 def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_bad_command_line_does_not_import_other_stages():
+    """`slice` with a missing --out fails in one line without loading the book builder or matplotlib."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from helpers.cli import main; rc = main(['slice', '--sp', '0.3']); "
+        "print(rc, sorted(m for m in ('nbformat', 'matplotlib', 'helpers.ui.book', 'helpers.experiments.reproduce') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "2 []", out.stdout + out.stderr
+    assert "required: --out" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["slice", "reproduce", "rules", "book"])
+def test_every_command_help_lists_its_own_arguments(name, capsys):
+    assert main([name, "--help"]) == 0
+    assert "--out" in capsys.readouterr().out
