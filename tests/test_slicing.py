@@ -11,6 +11,7 @@ from helpers.compression import allocation
 from helpers.compression.ledger import ledger_totals, parameter_ledger
 from helpers.compression.slicing import (
     constant_dims,
+    gram,
     load_sliced,
     make_rotation_invariant,
     rotate_and_slice,
@@ -45,6 +46,15 @@ def calib(n: int = 6, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
 def logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("d", [7, 64, 577])
+def test_gram_equals_the_full_product(d):
+    """The block-triangular x^T x equals numpy's float64 x.T @ x, mirror half included, for uneven block widths."""
+    x = torch.randn(300, d, dtype=torch.float64)
+    g = gram(x)
+    expected = x.numpy().T @ x.numpy()
+    np.testing.assert_allclose(g.numpy(), expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -195,6 +195,22 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch.set_num_threads(threads)
 
 
+def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """x^T x from its block rows on and above the diagonal, mirrored below.
+
+    The matrix is symmetric, so 4 column blocks need 10 of the 16 block products
+    of a full x.T @ x; every entry is still one dot product over all rows.
+    """
+    d = x.shape[1]
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    out = x.new_empty(d, d)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        rows = x[:, lo:hi].T @ x[:, lo:]
+        out[lo:hi, lo:] = rows
+        out[lo:, lo:hi] = rows.T
+    return out
+
+
 def principal_basis(
     chunks: Iterable[torch.Tensor], device: torch.device, damping: float = DAMPING
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +224,7 @@ def principal_basis(
     cov = None
     for chunk in chunks:
         x = chunk.to(device).reshape(-1, chunk.shape[-1]).double()
-        cov = x.T @ x if cov is None else cov + x.T @ x
+        cov = gram(x) if cov is None else cov + gram(x)
     dim = cov.shape[0]
     cov += damping * cov.diagonal().mean() * torch.eye(dim, dtype=torch.float64, device=device)
     values, vectors = _eigh(cov)
