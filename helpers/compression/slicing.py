@@ -30,6 +30,7 @@ position tables) comes from the adapter (helpers/adapters).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import tempfile
@@ -204,7 +205,7 @@ def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
     d = x.shape[1]
     edges = [d * i // blocks for i in range(blocks + 1)]
     out = x.new_empty(d, d)
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         rows = x[:, lo:hi].T @ x[:, lo:]
         out[lo:hi, lo:] = rows
         out[lo:, lo:hi] = rows.T
