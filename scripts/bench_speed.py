@@ -3,6 +3,7 @@
     python scripts/bench_speed.py              # SmolLM2-135M, SP 0.30, 5 repeats, 1 thread per model
     python scripts/bench_speed.py --quick      # 2 repeats, short prompts: a smoke run
     python scripts/bench_speed.py --sliced-head  # also constant slicing with the last residual sliced (final_dim)
+    python scripts/bench_speed.py --modes eager,compiled  # also every model under torch.compile, static KV cache
 
 Each model runs in its own worker process (fixed torch threads, one warm-up round);
 every round asks each worker once per workload, in a rotated order, so the load of a
@@ -10,7 +11,8 @@ shared machine hits all models alike. Prefill is prompt -> next-token logits at 
 and 8 x 512 tokens; generation is greedy `generate` (KV cache) of 64 new tokens after a
 32-token prompt at batch 1 and 16. Ratios pair each sample with dense's from the same
 round. CUDA is used when present. Sliced models are sliced once (calibration 32 x 256
-tokens) and kept under data/sliced/bench_speed/. Writes data/runs/speed_table.{csv,md}.
+tokens) and kept under data/sliced/bench_speed/. The table opens with each model's prefill
+FLOPs and the speed-up they allow at equal FLOP rates (the ceiling). Writes data/runs/speed_table.{csv,md}.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from pathlib import Path
 import pandas as pd
 
 from helpers.compression.checkpoints import load_model
-from helpers.evaluation.speed import WORKLOADS, device_name, interleaved_benchmark, speed_markdown, summarise
+from helpers.evaluation.speed import (
+    WORKLOADS,
+    device_name,
+    flop_markdown,
+    flop_table,
+    interleaved_benchmark,
+    speed_markdown,
+    summarise,
+)
 from helpers.infra.storage import DATA_DIR, RUNS_DIR, slug, write_csv_atomic, write_text_atomic
 from helpers.infra.textdata import CALIB_TEXT
 from helpers.models.loading import DEFAULT_MODEL, pick_device
@@ -59,6 +69,7 @@ def main() -> None:
     p.add_argument("--sb", type=float, default=0.0, help="base slice of the dynamic model")
     p.add_argument("--calib", default=CALIB_TEXT)
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--modes", default="eager", help="eager and/or compiled (torch.compile + static KV cache)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker (fixed)")
     p.add_argument("--prefill-len", type=int, default=512, help="prefill prompt length (a busy machine: smaller)")
@@ -67,6 +78,8 @@ def main() -> None:
     p.add_argument("--sliced-head", action="store_true", help="add constant slicing with final_dim (V x d' head)")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "speed_table")
     args = p.parse_args()
+    if not set(args.modes.split(",")) <= {"eager", "compiled"}:
+        p.error(f"--modes takes eager and/or compiled, got {args.modes!r}")
     if args.quick:
         args.repeats, args.prefill_len, args.new_tokens = 2, 64, 8
     workloads = tuple(
@@ -89,9 +102,18 @@ def main() -> None:
         "median [interquartile range]; ratio = per-round tokens/s over dense's.\n"
         f"Command: python {' '.join(sys.argv)}\n\n"
     )
+    flops = flop_table(models, args.prefill_len)
+    header += (
+        "Prefill FLOPs (matrix products counted by torch.utils.flop_counter, causal attention from the config); "
+        "ceiling = dense's total over the model's: its prefill speed-up if every FLOP ran at the same rate.\n\n"
+        + flop_markdown(flops, args.prefill_len)
+        + "\n"
+    )
     samples = []
-    for dtype in args.dtypes.split(","):  # tables are rewritten after each dtype, so a stopped run keeps its part
-        samples.append(interleaved_benchmark(models, dtype, workloads, args.repeats, args.threads))
+    runs = [(dtype, mode) for mode in args.modes.split(",") for dtype in args.dtypes.split(",")]
+    for dtype, mode in runs:  # tables are rewritten after each run, so a stopped benchmark keeps its part
+        compiled = mode == "compiled"
+        samples.append(interleaved_benchmark(models, dtype, workloads, args.repeats, args.threads, compiled=compiled))
         summary = summarise(pd.concat(samples))
         text = header + speed_markdown(summary)
         write_csv_atomic(summary, args.out.with_suffix(".csv"))

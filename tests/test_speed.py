@@ -27,7 +27,7 @@ def test_summary_pairs_each_sample_with_dense_from_the_same_round():
     assert summary.loc["sliced", "ratio_q3"] == pytest.approx(1.3)
     assert summary.loc["sliced", "tokens_per_s"] == pytest.approx(100.0)
     assert summary.loc["dense", "ratio_to_dense"] == 1.0 and summary.loc["dense", "repeats"] == 5
-    assert "| float32 | prefill 1x8 | sliced | 100.0 [84.0, 120.0] | 1.250 [1.200, 1.300] |" in speed_markdown(
+    assert "| float32 | eager | prefill 1x8 | sliced | 100.0 [84.0, 120.0] | 1.250 [1.200, 1.300] |" in speed_markdown(
         summary.reset_index()
     )
 
@@ -43,3 +43,28 @@ def test_interleaved_benchmark_runs_every_model_in_its_own_worker(tmp_path):
     assert len(samples) == 2 * 2 * 2  # models x workloads x repeats (the warm-up round is dropped)
     assert set(samples["workload"]) == {"prefill 2x16", "generate b2 (3 new)"}
     assert (samples["tokens_per_s"] > 0).all() and (samples["peak_memory_mb"] > 50).all()
+
+
+def test_prefill_flops_match_the_closed_form_for_dense_and_sliced():
+    """Matrix products counted per linear layer by hand; attention over (n + 1) / 2 keys per query (causal)."""
+    from helpers.evaluation.speed import prefill_flops
+
+    batch, n, vocab, d, ffn, layers, heads, head_dim, kv = 2, 24, 128, 64, 96, 4, 4, 16, 32
+    attention = layers * batch * 2 * n * (n + 1) * head_dim * heads  # QK^T and AV, 2 FLOPs per multiply-add
+    head = 2 * batch * vocab * d  # logits for the last position only
+
+    def linear_flops(d_in: int, d_out: int) -> int:  # one layer, per token: q k v, o, gate up, down, shortcuts
+        return 2 * (d_in * (d + 2 * kv) + d * d_in + 2 * d_in * ffn + ffn * d_out + d_in * d_in + d_in * d_out)
+
+    dense = tiny_model("llama")
+    got = prefill_flops(dense, batch, n)
+    dense_linear = 2 * (d * (d + 2 * kv) + d * d + 3 * d * ffn)  # no shortcut matrices in a dense layer
+    assert got["matmul"] == batch * n * layers * dense_linear + head
+    assert got["attention"] == pytest.approx(attention)
+
+    sliced = tiny_model("llama")
+    rotate_and_slice(sliced, torch.randint(0, vocab, (4, 16)), [32] * layers, progress=False)
+    got = prefill_flops(sliced, batch, n)
+    per_token = (layers - 1) * linear_flops(32, 32) + linear_flops(32, d)  # the last layer writes full width
+    assert got["matmul"] == batch * n * per_token + head
+    assert got["total"] == pytest.approx(got["matmul"] + attention)

@@ -120,6 +120,63 @@ def generation_speed(
 # ---------------------------------------------------------------------------------------------
 
 
+def causal_attention_flops(config, batch: int, length: int) -> float:
+    """FLOPs of QK^T and AV over a causal prompt: each query meets itself and the keys before it (within a window)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    total = 0
+    for kind in kinds:
+        window = config.sliding_window if kind == "sliding_attention" else length
+        pairs = sum(min(i, window) for i in range(1, length + 1))
+        total += 2 * 2 * batch * pairs * heads * head_dim  # two products, 2 FLOPs per multiply-add
+    return float(total)
+
+
+def prefill_flops(model: nn.Module, batch: int, length: int) -> dict[str, float]:
+    """FLOPs of one prefill (next-token logits only): matrix products as run, plus causal attention.
+
+    The products are counted by `torch.utils.flop_counter` on a real forward
+    (every linear layer the model actually runs); attention, which slicing
+    leaves alone, comes from the config. If two models ran at equal FLOP rates,
+    the ratio of their totals would be their prefill speed ratio: the ceiling
+    on slicing's speed-up.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.randint(100, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(input_ids=ids.to(_model_device(model)), use_cache=False, logits_to_keep=1)
+    matmul = float(sum(n for op, n in counter.get_flop_counts()["Global"].items() if "attention" not in str(op)))
+    attention = causal_attention_flops(model.config, batch, length)
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def flop_table(models: dict[str, str], length: int, baseline: str = "dense") -> pd.DataFrame:
+    """Per model: GFLOPs of a 1 x `length` prefill and the speed-up over `baseline` they allow (equal FLOP rates)."""
+    rows = []
+    for label, source in models.items():
+        model, _ = load_model(source, device="cpu")
+        rows.append({"model": label, **{f"{k}_gflop": v / 1e9 for k, v in prefill_flops(model, 1, length).items()}})
+    table = pd.DataFrame(rows)
+    base = table.loc[table["model"] == baseline, "total_gflop"].item()
+    return table.assign(ceiling=base / table["total_gflop"])
+
+
+def flop_markdown(table: pd.DataFrame, length: int) -> str:
+    """The FLOP table as Markdown."""
+    lines = [
+        f"| model | matrix products GFLOP | attention GFLOP | total GFLOP (1 x {length} prefill) | ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    for r in table.itertuples():
+        lines.append(
+            f"| {r.model} | {r.matmul_gflop:.2f} | {r.attention_gflop:.2f} | {r.total_gflop:.2f} | {r.ceiling:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
     """Wall seconds to read a prompt batch and produce the next token's logits (what generation's prefill does)."""
     with torch.no_grad():
@@ -136,11 +193,23 @@ def generate_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> fl
         )[1]
 
 
-def _worker(conn, source: str, dtype: str, threads: int, device: str) -> None:
+def compile_for_speed(model: nn.Module) -> nn.Module:
+    """`torch.compile` the forward (static shapes) and generate with a static KV cache, so decoding reuses one graph.
+
+    The first call of every new shape compiles (minutes on a CPU): warm up each workload before timing it.
+    """
+    model.forward = torch.compile(model.forward, dynamic=False)
+    model.generation_config.cache_implementation = "static"
+    return model
+
+
+def _worker(conn, source: str, dtype: str, threads: int, device: str, compiled: bool) -> None:
     """Worker process: load one model, then answer (kind, batch, length, new_tokens) requests with seconds."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, _ = load_model(source, device=device, dtype=getattr(torch, dtype))
+    if compiled:
+        compile_for_speed(model)
     vocab = model.config.vocab_size
     reset_peak_memory(device)
     conn.send("ready")
@@ -154,10 +223,11 @@ def _worker(conn, source: str, dtype: str, threads: int, device: str) -> None:
 class Worker:
     """A model living in its own process (so its peak memory and allocator state are its own)."""
 
-    def __init__(self, source: str, dtype: str, threads: int, device: str) -> None:
+    def __init__(self, source: str, dtype: str, threads: int, device: str, compiled: bool = False) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker, args=(child, source, dtype, threads, device), daemon=True)
+        args = (child, source, dtype, threads, device, compiled)
+        self.process = ctx.Process(target=_worker, args=args, daemon=True)
         self.process.start()
         if not self.conn.poll(600) or self.conn.recv() != "ready":
             self.close()
@@ -213,23 +283,26 @@ def interleaved_benchmark(
     threads: int = 1,
     device: str | None = None,
     progress: bool = True,
+    compiled: bool = False,
 ) -> pd.DataFrame:
     """Tokens/s samples of several models, each in its own worker, requests alternated between them.
 
     `models` maps a label to a model name or folder. Every workload runs once
     per model as warm-up, then `repeats` rounds in which each model runs it
     once, in an order rotated each round, so that a busy machine slows every
-    model alike. Returns one row per (model, workload, repeat).
+    model alike. `compiled`: every model runs through `compile_for_speed` (the warm-up
+    round compiles). Returns one row per (model, workload, repeat).
     """
     device = str(pick_device(device))
     workers: dict[str, Worker] = {}
     rows = []
     try:
         for label, source in models.items():
-            workers[label] = Worker(source, dtype, threads, device)
+            workers[label] = Worker(source, dtype, threads, device, compiled)
         labels = list(workers)
         steps = [(w, r) for w in workloads for r in range(-1, repeats)]
-        for workload, repeat in tqdm(steps, desc=f"speed {dtype}", unit="round", disable=not progress):
+        mode = "compiled" if compiled else "eager"
+        for workload, repeat in tqdm(steps, desc=f"speed {dtype} {mode}", unit="round", disable=not progress):
             order = labels[repeat % len(labels) :] + labels[: repeat % len(labels)]
             for label in order:
                 result = workers[label].request(workload.kind, workload.batch, workload.length, workload.new_tokens)
@@ -238,6 +311,7 @@ def interleaved_benchmark(
                         {
                             "model": label,
                             "dtype": dtype,
+                            "mode": mode,
                             "workload": workload.name,
                             "repeat": repeat,
                             "tokens_per_s": workload.tokens() / result["seconds"],
@@ -254,14 +328,16 @@ def summarise(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
     """Median and interquartile range of tokens/s, and of the per-round ratio to `baseline`, per model and workload.
 
     Ratios pair each sample with the baseline's sample from the same round,
-    so the machine's load in that round cancels.
+    so the machine's load in that round cancels. Samples without a `mode` ran eager.
     """
-    keys = ["dtype", "workload", "repeat"]
+    if "mode" not in samples:
+        samples = samples.assign(mode="eager")
+    keys = ["dtype", "mode", "workload", "repeat"]
     base = samples[samples["model"] == baseline].set_index(keys)["tokens_per_s"]
     samples = samples.assign(
         ratio=samples["tokens_per_s"].to_numpy() / base.loc[samples.set_index(keys).index].to_numpy()
     )
-    groups = samples.groupby(["dtype", "workload", "model"], sort=False)
+    groups = samples.groupby(["dtype", "mode", "workload", "model"], sort=False)
     return pd.DataFrame(
         {
             "tokens_per_s": groups["tokens_per_s"].median(),
@@ -279,12 +355,12 @@ def summarise(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
 def speed_markdown(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table: median tokens/s [IQR], ratio to dense [IQR], peak memory."""
     lines = [
-        "| dtype | workload | model | tokens/s median [IQR] | ratio to dense median [IQR] | peak MiB | n |",
-        "|---|---|---|---|---|---|---|",
+        "| dtype | mode | workload | model | tokens/s median [IQR] | ratio to dense median [IQR] | peak MiB | n |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary.itertuples():
         lines.append(
-            f"| {r.dtype} | {r.workload} | {r.model} | {r.tokens_per_s:.1f} [{r.tokens_per_s_q1:.1f}, "
+            f"| {r.dtype} | {r.mode} | {r.workload} | {r.model} | {r.tokens_per_s:.1f} [{r.tokens_per_s_q1:.1f}, "
             f"{r.tokens_per_s_q3:.1f}] | {r.ratio_to_dense:.3f} [{r.ratio_q1:.3f}, {r.ratio_q3:.3f}] | "
             f"{r.peak_memory_mb:.0f} | {r.repeats} |"
         )
