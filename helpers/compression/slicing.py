@@ -54,6 +54,7 @@ from helpers.infra.integrity import (
     read_metadata,
     verify_checksums,
 )
+from helpers.infra.memory import release_freed_memory
 from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
 from helpers.models.loading import pick_device
@@ -550,6 +551,7 @@ def _rotate_and_slice(
     for i in tqdm(range(n_layers), desc="slice", unit="layer", disable=not progress):
         d_out = dims[i + 1] if i + 1 < n_layers else final_dim
         slice_layer(adapter, adapter.layers(model)[i], i, d_out, calib, layer_kwargs[i])
+        release_freed_memory()  # else glibc keeps each layer's freed activations and the resident set creeps up
     with torch.no_grad():
         finish_ends(model, adapter, table, basis_0, final_scale, tied, calib.basis)
     model.slicing_info = info
