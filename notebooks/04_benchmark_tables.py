@@ -188,6 +188,23 @@ if speed_csv.exists():
     display(Markdown(read_speed_table(pd.read_csv(speed_csv))))
 
 # %% [markdown]
+# ## What slicing can buy: count before you time
+#
+# A sliced layer multiplies narrower matrices, but it keeps every attention head, the MLP's inner
+# width and the V x d head, and it adds two shortcut matrices. `flop_table` counts the FLOPs of a
+# 1 x 512 prefill and of one token's forward (the products a decoding step runs per sequence), and
+# divides dense's count by each model's: the speed-up you would see if every FLOP ran at the same rate
+# (docs/method.md section 7). It is a ceiling, not a prediction. Look for how far below 1 / (1 - SP)
+# the ceilings sit, which of the two is lower, and how close the measured ratios above come to them.
+
+# %%
+from helpers.evaluation.speed import flop_table
+
+flop_models = {"dense": lab.model, f"constant SP={sp0}": lab.sliced(sp0, sp0)}
+flop_models[f"dynamic SP={sp0} SB={sb0}"] = lab.sliced(sp0, sb0)
+flop_table(flop_models, 512).round(3)
+
+# %% [markdown]
 # ## Questionnaire
 #
 # 1. How does a causal language model choose among the options of a multiple-choice question?
@@ -195,6 +212,8 @@ if speed_csv.exists():
 # 3. On 40 questions, how many points of accuracy is one question worth?
 # 4. How is the dynamic row of each SP chosen, and why does that rule never look at the tasks?
 # 5. Why can a smaller model be slower, and what would you need to trust a 10% speed difference?
+# 6. Slicing keeps 70% of the residual dimensions at SP = 0.3. Why is the FLOP ceiling of prefill
+#    well below 1 / 0.7, and why is the one for generation lower still?
 #
 # ## Exercises
 #

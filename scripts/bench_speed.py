@@ -102,10 +102,13 @@ def main() -> None:
         "median [interquartile range]; ratio = per-round tokens/s over dense's.\n"
         f"Command: python {' '.join(sys.argv)}\n\n"
     )
-    flops = flop_table(models, args.prefill_len)
+    flops = flop_table(
+        {label: load_model(source, device="cpu")[0] for label, source in models.items()}, args.prefill_len
+    )
     header += (
-        "Prefill FLOPs (matrix products counted by torch.utils.flop_counter, causal attention from the config); "
-        "ceiling = dense's total over the model's: its prefill speed-up if every FLOP ran at the same rate.\n\n"
+        "FLOPs (matrix products counted by torch.utils.flop_counter, causal attention from the config; one token's "
+        "forward = a decoding step's products per sequence); ceiling = dense's FLOPs over the model's: the speed-up "
+        "if every FLOP ran at the same rate (docs/method.md section 7).\n\n"
         + flop_markdown(flops, args.prefill_len)
         + "\n"
     )

@@ -70,16 +70,15 @@ def test_prefill_flops_match_the_closed_form_for_dense_and_sliced():
     assert got["total"] == pytest.approx(got["matmul"] + attention)
 
 
-def test_flop_table_ceilings_are_ratios_to_the_baseline(tmp_path):
+def test_flop_table_ceilings_are_ratios_to_the_baseline():
     """Ceilings divide the baseline's FLOPs by each model's; a one-token forward is the closed-form weight count."""
     from helpers.evaluation.speed import flop_table, prefill_flops
 
-    models, folders = {}, {}
+    models = {}
     for label, width in (("rotated", 64), ("sliced", 32)):  # rotated: full width, shortcut matrices included
         models[label] = tiny_model("llama")
         rotate_and_slice(models[label], torch.randint(0, 128, (4, 16)), [width] * 4, progress=False)
-        folders[label] = str(save_sliced(models[label], None, tmp_path / label))
-    table = flop_table(folders, 16, baseline="rotated").set_index("model")
+    table = flop_table(models, 16, baseline="rotated").set_index("model")
     prefill = {k: prefill_flops(m, 1, 16)["total"] for k, m in models.items()}
     assert table.loc["sliced", "prefill_ceiling"] == pytest.approx(prefill["rotated"] / prefill["sliced"])
     weights = 4 * (64 * 128 + 64 * 64 + 3 * 64 * 96 + 2 * 64 * 64) + 128 * 64  # every matrix once, head included

@@ -153,7 +153,7 @@ def prefill_flops(model: nn.Module, batch: int, length: int) -> dict[str, float]
     return {"matmul": matmul, "attention": attention, "total": matmul + attention}
 
 
-def flop_table(models: dict[str, str], length: int, baseline: str = "dense") -> pd.DataFrame:
+def flop_table(models: dict[str, nn.Module], length: int, baseline: str = "dense") -> pd.DataFrame:
     """Per model: GFLOPs of a 1 x `length` prefill and of one token's forward, and the speed-ups they allow.
 
     A one-token forward runs every weight matrix once, head included: the
@@ -161,8 +161,7 @@ def flop_table(models: dict[str, str], length: int, baseline: str = "dense") -> 
     (attention over the cache aside). Ceilings assume equal FLOP rates.
     """
     rows = []
-    for label, source in models.items():
-        model, _ = load_model(source, device="cpu")
+    for label, model in models.items():
         prefill = prefill_flops(model, 1, length)
         rows.append(
             {
