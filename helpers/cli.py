@@ -562,20 +562,20 @@ def run_book(args: argparse.Namespace) -> int:
     return 1 if any(report.errors.values()) else 0
 
 
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The full parser; with `argv`, only the command it names gets its arguments.
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: every command is listed, only the one `argv` names gets its arguments.
 
     Some commands' argument lists import their stage (choices such as reproduce's
     sizes); building only the named one keeps `slice`, `--help` and argument errors
     from importing the book builder and matplotlib.
     """
-    named = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    named = next((a for a in argv if not a.startswith("-")), None)
     parser = Parser(prog="python -m helpers", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details; show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, func) in COMMANDS.items():
         p = sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0])
-        if named is None or name == named:
+        if name == named:
             add_arguments(p)
         p.set_defaults(func=func)
     return parser

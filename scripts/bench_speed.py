@@ -11,8 +11,9 @@ shared machine hits all models alike. Prefill is prompt -> next-token logits at 
 and 8 x 512 tokens; generation is greedy `generate` (KV cache) of 64 new tokens after a
 32-token prompt at batch 1 and 16. Ratios pair each sample with dense's from the same
 round. CUDA is used when present. Sliced models are sliced once (calibration 32 x 256
-tokens) and kept under data/sliced/bench_speed/. The table opens with each model's prefill
-FLOPs and the speed-up they allow at equal FLOP rates (the ceiling). Writes data/runs/speed_table.{csv,md}.
+tokens) and kept under data/sliced/bench_speed/. The table opens with each model's FLOPs
+(a prefill, one token's forward) and the speed-ups they allow at equal FLOP rates (the
+ceilings). Writes data/runs/speed_table.{csv,md}.
 """
 
 from __future__ import annotations
