@@ -23,8 +23,9 @@ from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import compression, ledger_totals, parameter_ledger
 from helpers.compression.slicing import allocation_dims, rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
-from helpers.evaluation.speed import device_name, generation_speed, peak_memory_mb, reset_peak_memory
+from helpers.evaluation.speed import device_name, generation_speed
 from helpers.experiments.sweeps import sb_sweep
+from helpers.infra.memory import peak_memory_mb, reset_peak_memory
 from helpers.infra.storage import RUNS_DIR, write_json_atomic
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, load_windows
 from helpers.models.loading import DEFAULT_MODEL, pick_device

@@ -27,6 +27,7 @@ import pandas as pd
 
 from helpers.compression.checkpoints import load_model
 from helpers.evaluation.speed import (
+    MODES,
     WORKLOADS,
     device_name,
     flop_markdown,
@@ -79,8 +80,8 @@ def main() -> None:
     p.add_argument("--sliced-head", action="store_true", help="add constant slicing with final_dim (V x d' head)")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "speed_table")
     args = p.parse_args()
-    if not set(args.modes.split(",")) <= {"eager", "compiled"}:
-        p.error(f"--modes takes eager and/or compiled, got {args.modes!r}")
+    if not set(args.modes.split(",")) <= set(MODES):
+        p.error(f"--modes takes {' and/or '.join(MODES)}, got {args.modes!r}")
     if args.quick:
         args.repeats, args.prefill_len, args.new_tokens = 2, 64, 8
     workloads = tuple(
@@ -116,8 +117,7 @@ def main() -> None:
     samples = []
     runs = [(dtype, mode) for mode in args.modes.split(",") for dtype in args.dtypes.split(",")]
     for dtype, mode in runs:  # tables are rewritten after each run, so a stopped benchmark keeps its part
-        compiled = mode == "compiled"
-        samples.append(interleaved_benchmark(models, dtype, workloads, args.repeats, args.threads, compiled=compiled))
+        samples.append(interleaved_benchmark(models, dtype, workloads, args.repeats, args.threads, mode=mode))
         summary = summarise(pd.concat(samples))
         text = header + speed_markdown(summary)
         write_csv_atomic(summary, args.out.with_suffix(".csv"))

@@ -16,7 +16,8 @@ def test_summary_pairs_each_sample_with_dense_from_the_same_round():
     dense = [100.0, 50.0, 80.0, 90.0, 70.0]  # a busy machine: round 1 is slow for everyone
     sliced = [130.0, 60.0, 100.0, 120.0, 84.0]
     rows = [
-        {"model": m, "dtype": "float32", "workload": "prefill 1x8", "repeat": r, "tokens_per_s": v, "peak_memory_mb": 1}
+        {"model": m, "dtype": "float32", "mode": "eager", "workload": "prefill 1x8", "repeat": r}
+        | {"tokens_per_s": v, "peak_memory_mb": 1}
         for m, values in (("dense", dense), ("sliced", sliced))
         for r, v in enumerate(values)
     ]
@@ -43,6 +44,12 @@ def test_interleaved_benchmark_runs_every_model_in_its_own_worker(tmp_path):
     assert len(samples) == 2 * 2 * 2  # models x workloads x repeats (the warm-up round is dropped)
     assert set(samples["workload"]) == {"prefill 2x16", "generate b2 (3 new)"}
     assert (samples["tokens_per_s"] > 0).all() and (samples["peak_memory_mb"] > 50).all()
+    assert set(samples["mode"]) == {"eager"}
+
+
+def test_interleaved_benchmark_names_the_modes_it_takes():
+    with pytest.raises(ValueError, match="mode must be one of eager, compiled, got 'fast'"):
+        interleaved_benchmark({"dense": "unused"}, workloads=(), mode="fast")
 
 
 def test_prefill_flops_match_the_closed_form_for_dense_and_sliced():

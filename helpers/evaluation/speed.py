@@ -5,7 +5,7 @@ dicts. `interleaved_benchmark` is the trustworthy comparison: one worker
 process per model, warm-up, repeats alternated between models, and
 `summarise` gives medians, interquartile ranges and per-round ratios to dense.
 Memory is the process's peak resident set size on CPU and
-torch.cuda.max_memory_allocated on CUDA.
+torch.cuda.max_memory_allocated on CUDA (`helpers.infra.memory`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ import contextlib
 import dataclasses
 import multiprocessing as mp
 import platform
-import re
-import resource
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -27,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from helpers.compression.checkpoints import load_model
+from helpers.infra.memory import peak_memory_mb, reset_peak_memory
 from helpers.models.loading import pick_device
 
 
@@ -41,28 +39,6 @@ def device_name(device: torch.device | str) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak-memory measurement: CUDA's counter, or the process's peak RSS on Linux."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):  # off Linux the peak counts from the start of the process
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
-
-
-def peak_memory_mb(device: torch.device | str) -> float:
-    """Peak memory in MiB since the last reset: max allocated on CUDA, peak RSS of the process on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if status.exists():
-        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) / 1024
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux, bytes on macOS
 
 
 def timed(func: Callable[[], Any], device: torch.device | str) -> tuple[Any, float]:
@@ -209,6 +185,9 @@ def generate_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> fl
         )[1]
 
 
+MODES = ("eager", "compiled")  # how `interleaved_benchmark` runs every model: as loaded, or torch.compile'd
+
+
 def compile_for_speed(model: nn.Module) -> nn.Module:
     """`torch.compile` the forward (static shapes) and generate with a static KV cache, so decoding reuses one graph.
 
@@ -219,12 +198,12 @@ def compile_for_speed(model: nn.Module) -> nn.Module:
     return model
 
 
-def _worker(conn, source: str, dtype: str, threads: int, device: str, compiled: bool) -> None:
+def _worker(conn, source: str, dtype: str, threads: int, device: str, mode: str) -> None:
     """Worker process: load one model, then answer (kind, batch, length, new_tokens) requests with seconds."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, _ = load_model(source, device=device, dtype=getattr(torch, dtype))
-    if compiled:
+    if mode == "compiled":
         compile_for_speed(model)
     vocab = model.config.vocab_size
     reset_peak_memory(device)
@@ -239,10 +218,10 @@ def _worker(conn, source: str, dtype: str, threads: int, device: str, compiled: 
 class Worker:
     """A model living in its own process (so its peak memory and allocator state are its own)."""
 
-    def __init__(self, source: str, dtype: str, threads: int, device: str, compiled: bool = False) -> None:
+    def __init__(self, source: str, dtype: str, threads: int, device: str, mode: str = "eager") -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        args = (child, source, dtype, threads, device, compiled)
+        args = (child, source, dtype, threads, device, mode)
         self.process = ctx.Process(target=_worker, args=args, daemon=True)
         self.process.start()
         if not self.conn.poll(600) or self.conn.recv() != "ready":
@@ -299,25 +278,26 @@ def interleaved_benchmark(
     threads: int = 1,
     device: str | None = None,
     progress: bool = True,
-    compiled: bool = False,
+    mode: str = "eager",
 ) -> pd.DataFrame:
     """Tokens/s samples of several models, each in its own worker, requests alternated between them.
 
     `models` maps a label to a model name or folder. Every workload runs once
     per model as warm-up, then `repeats` rounds in which each model runs it
     once, in an order rotated each round, so that a busy machine slows every
-    model alike. `compiled`: every model runs through `compile_for_speed` (the warm-up
-    round compiles). Returns one row per (model, workload, repeat).
+    model alike. `mode`: one of MODES; "compiled" runs every model through
+    `compile_for_speed` (the warm-up round compiles). Returns one row per (model, workload, repeat).
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
     device = str(pick_device(device))
     workers: dict[str, Worker] = {}
     rows = []
     try:
         for label, source in models.items():
-            workers[label] = Worker(source, dtype, threads, device, compiled)
+            workers[label] = Worker(source, dtype, threads, device, mode)
         labels = list(workers)
         steps = [(w, r) for w in workloads for r in range(-1, repeats)]
-        mode = "compiled" if compiled else "eager"
         for workload, repeat in tqdm(steps, desc=f"speed {dtype} {mode}", unit="round", disable=not progress):
             order = labels[repeat % len(labels) :] + labels[: repeat % len(labels)]
             for label in order:
@@ -344,10 +324,8 @@ def summarise(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
     """Median and interquartile range of tokens/s, and of the per-round ratio to `baseline`, per model and workload.
 
     Ratios pair each sample with the baseline's sample from the same round,
-    so the machine's load in that round cancels. Samples without a `mode` ran eager.
+    so the machine's load in that round cancels.
     """
-    if "mode" not in samples:
-        samples = samples.assign(mode="eager")
     keys = ["dtype", "mode", "workload", "repeat"]
     base = samples[samples["model"] == baseline].set_index(keys)["tokens_per_s"]
     samples = samples.assign(

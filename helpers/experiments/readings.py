@@ -169,17 +169,11 @@ def read_results_table(
     return "\n".join(lines) if lines else "The table has no compressed rows to read."
 
 
-def _mode(row) -> str:
-    """' compiled' for a torch.compile row; nothing for eager rows and tables from before modes existed."""
-    mode = getattr(row, "mode", "eager")
-    return "" if mode == "eager" else f" {mode}"
-
-
 def read_speed_table(speed: pd.DataFrame) -> str:
     """Read every sliced model's speed against dense, per dtype and workload (`speed.summarise` table)."""
     rows = speed[speed["model"] != "dense"]
     return "\n".join(
-        f"- {row.model}, {row.dtype}{_mode(row)}, {row.workload}: "
+        f"- {row.model}, {row.dtype}{'' if row.mode == 'eager' else ' ' + row.mode}, {row.workload}: "
         + read_speed(row.ratio_to_dense, row.ratio_q1, row.ratio_q3)
         for row in rows.itertuples()
     )

@@ -484,6 +484,7 @@ def speed_table(lab: Lab, cells: pd.DataFrame, cache: CellCache | None = None) -
         "kind": "interleaved",
         "models": sorted(models),
         "workloads": [w.name for w in workloads],
+        "speed_code": code_fingerprint(speed),
         **s.cell_params(),
     }
 

@@ -1,4 +1,7 @@
-"""Hand freed heap memory back to the operating system, so that resident memory follows the live tensors.
+"""Process memory: the peak a measurement reached, and freed heap memory handed back to the operating system.
+
+Peak memory is CUDA's max allocated on a GPU and the peak resident set size
+(VmHWM) on a CPU; `reset_peak_memory` starts a new measurement.
 
 glibc keeps the pages of freed blocks inside its heap for reuse. A loop that
 frees and re-allocates activations of many sizes (slicing, layer after layer)
@@ -8,10 +11,16 @@ returns those pages.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import platform
+import re
+import resource
+from pathlib import Path
+
+import torch
 
 
 @functools.cache
@@ -29,3 +38,25 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak-memory measurement: CUDA's counter, or the process's peak RSS on Linux."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # off Linux the peak counts from the start of the process
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak memory in MiB since the last reset: max allocated on CUDA, peak RSS of the process on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) / 1024
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux, bytes on macOS
