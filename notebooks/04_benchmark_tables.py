@@ -72,10 +72,9 @@ LIMIT = None  # questions per task; None keeps the size's own
 # %%
 import dataclasses
 
-import pandas as pd
 from IPython.display import Markdown, display
 
-from helpers.experiments.readings import read_results_table, read_speed_table
+from helpers.experiments.readings import read_results_table
 from helpers.experiments.reproduce import (
     SIZES,
     Lab,
@@ -172,7 +171,8 @@ plots.plot_perplexity_comparison(cells, best.reset_index())
 # ## Speed, memory and depth pruning
 #
 # These tables are written by `python -m helpers reproduce` (each model runs in its own worker
-# process, repeats interleaved between models, median and interquartile range, ratios to dense;
+# process, repeats interleaved between models, median and interquartile range, ratios to dense,
+# and under the speed table one generated reading per sliced model and workload;
 # `scripts/bench_speed.py` runs the same benchmark at full size; depth pruning is notebook 05).
 
 # %%
@@ -183,9 +183,6 @@ for name in ("speed_table", "depth_comparison"):
             path.read_text() if path.exists() else f"*{path.name} not written yet: run `python -m helpers reproduce`*"
         )
     )
-speed_csv = FIGURES_DIR / "speed_table.csv"
-if speed_csv.exists():
-    display(Markdown(read_speed_table(pd.read_csv(speed_csv))))
 
 # %% [markdown]
 # ## What slicing can buy: count before you time

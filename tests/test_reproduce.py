@@ -123,6 +123,10 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
     assert len(speed) == 3 * 4 and (speed["tokens_per_s"] > 0).all() and (speed["peak_memory_mb"] > 100).all()
     assert set(speed["model"]) == {"dense", "constant SP=0.3 SB=0.3", "dynamic SP=0.3 SB=0"}
     assert (speed.loc[speed["model"] == "dense", "ratio_to_dense"] == 1).all()
+    report = (tmp_path / "speed_table.md").read_text()
+    b16 = speed[(speed["model"] == "constant SP=0.3 SB=0.3") & speed["workload"].str.startswith("generate b16")]
+    assert f"| {b16['ratio_to_dense'].iloc[0]:.3f} [" in report  # the benchmark's own table ...
+    assert report.count("- constant SP=0.3 SB=0.3, float32, ") == 4  # ... and one reading per workload
 
     assert reproduce.check(settings, tmp_path) < 1e-4  # `reproduce --check`: the committed cells come back
 

@@ -46,14 +46,14 @@ from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
 from helpers.evaluation.zeroshot import evaluate_task, in_dtype
 from helpers.experiments import sweeps
 from helpers.experiments.compare import CompareSettings, compare, summary_table
-from helpers.experiments.readings import read_depth_comparison
+from helpers.experiments.readings import read_depth_comparison, read_speed_table
 from helpers.experiments.results import CellCache, Manifest
 from helpers.experiments.sweeps import sb_values
 from helpers.infra import storage
 from helpers.infra.integrity import code_fingerprint
 from helpers.infra.storage import DATA_DIR, FIGURES_DIR, cache_key, slug, write_text_atomic
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, bos_id, load_split, load_windows
-from helpers.models.loading import DEFAULT_MODEL, model_label
+from helpers.models.loading import DEFAULT_MODEL, model_label, pick_device
 from helpers.ui import plots
 
 # The modules whose source shapes a sweep cell's numbers: a change to any of them computes fresh cells. Of this
@@ -495,6 +495,21 @@ def speed_table(lab: Lab, cells: pd.DataFrame, cache: CellCache | None = None) -
     return speed.summarise(pd.DataFrame(cache.get_or_compute(params, measure)["samples"]))
 
 
+def write_speed_report(summary: pd.DataFrame, settings: Settings, out: Path, manifest: Manifest) -> None:
+    """speed_table.csv (every column of `speed.summarise`) and speed_table.md: what was run, the benchmark's
+    table (`speed.speed_markdown`) and one generated reading per sliced model and workload."""
+    header = (
+        f"{model_label(settings.model)}; {speed.device_name(pick_device(None)).split(',')[0]}, one torch thread per "
+        f"worker process; prompts of {settings.speed_prompt} tokens, {settings.speed_new_tokens} new tokens "
+        "(scripts/bench_speed.py runs the full-size workloads); one warm-up round, then interleaved rounds; "
+        "median [interquartile range]; ratio = the per-round tokens/s over dense's.\n\n"
+    )
+    text = header + speed.speed_markdown(summary) + "\n" + read_speed_table(summary) + "\n"
+    params = {"prompt": settings.speed_prompt, "new_tokens": settings.speed_new_tokens, **settings.cell_params()}
+    manifest.record(storage.write_csv_atomic(summary, out / "speed_table.csv"), "speed", **params)
+    manifest.record(write_text_atomic(out / "speed_table.md", text), "speed", **params)
+
+
 def figures(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> None:
     """Figure 1, Figures 2-5 (one per SP), the perplexity comparison."""
     s = lab.settings
@@ -559,15 +574,7 @@ def reproduce(
     tables["comparisons"] = write_comparisons(cells, tables["results"], lab, out, manifest)
     figures(lab, cells, out, manifest)
     tables["speed"] = speed_table(lab, cells)
-    write_table(
-        tables["speed"],
-        out / "speed_table",
-        manifest,
-        "speed",
-        prompt=settings.speed_prompt,
-        new_tokens=settings.speed_new_tokens,
-        **settings.cell_params(),
-    )
+    write_speed_report(tables["speed"], settings, out, manifest)
     if settings.depth:
         tables["depth"] = depth_comparison(
             settings, float(best_dynamic(cells).set_index("sp").loc[settings.sps[0], "sb"]), out, manifest, progress
