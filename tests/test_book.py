@@ -17,12 +17,20 @@ REFERENCE_PAGES = ["index", "method", "results", "gallery"]
 
 def test_gallery_lists_every_figure_with_its_manifest_entry(tmp_path):
     (tmp_path / "manifest.json").write_text(
-        json.dumps({"files": {"a.png": {"step": "figure1", "written": "today", "params": {"sp": 0.3}}}})
+        json.dumps(
+            {
+                "files": {
+                    "a.png": {"step": "figure1", "written": "today", "machine": "CPU A", "params": {"sp": 0.3}},
+                    "c.png": {"step": "figure2", "written": "earlier", "params": {}},
+                }
+            }
+        )
     )
-    for name in ("a.png", "b.png"):
+    for name in ("a.png", "b.png", "c.png"):
         (tmp_path / name).write_bytes(b"")
     page = gallery_page(tmp_path, "fast")
-    assert "![a](figures/a.png)" in page and "Step `figure1`, written today: sp = 0.3." in page
+    assert "![a](figures/a.png)" in page and "Step `figure1`, written today on CPU A: sp = 0.3." in page
+    assert "Step `figure2`, written earlier: ." in page  # an entry from before machines were recorded
     assert "![b](figures/b.png)" in page and "Not in the manifest" in page and "Built in fast mode" in page
 
 

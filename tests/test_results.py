@@ -46,6 +46,20 @@ def test_manifest_records_each_file_with_its_step(tmp_path):
     assert "fig.png" in again.files
 
 
+def test_manifest_names_the_machine_each_file_was_made_on(tmp_path, monkeypatch):
+    import helpers.experiments.results as results
+
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("a")
+    second.write_text("b")
+    monkeypatch.setattr(results, "machine_name", lambda: "CPU A")
+    Manifest(tmp_path, model="m", seed=0).record(first, "table")
+    monkeypatch.setattr(results, "machine_name", lambda: "CPU B + GPU")
+    Manifest(tmp_path, model="m", seed=0).record(second, "table")  # a later run elsewhere
+    files = json.loads((tmp_path / "manifest.json").read_text())["files"]
+    assert files["a.csv"]["machine"] == "CPU A" and files["b.csv"]["machine"] == "CPU B + GPU"
+
+
 def test_cache_key_changes_when_the_computing_function_changes(tmp_path, monkeypatch):
     import importlib
     import sys

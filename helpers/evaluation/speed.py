@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing as mp
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -25,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from helpers.compression.checkpoints import load_model
+from helpers.infra.integrity import cpu_model
 from helpers.infra.memory import peak_memory_mb, reset_peak_memory
 from helpers.models.loading import pick_device
 
@@ -35,15 +34,6 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()} CPU, {torch.get_num_threads()} threads"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:

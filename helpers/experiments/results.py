@@ -4,7 +4,8 @@ A sweep is a set of cells (one slicing + evaluation each). `CellCache` stores
 every finished cell as its own JSON file keyed by its parameters, so a rerun
 skips finished cells and an interrupted sweep loses at most the cell in
 progress. `Manifest` records, for every file written to `figures/`, the step,
-model, data, parameters, seed, package versions and time that produced it.
+model, data, parameters, seed, package versions, machine and time that produced it
+(bfloat16 scores can differ between CPUs, so every file names the one it was made on).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers.infra.integrity import discard, package_versions
+from helpers.infra.integrity import discard, machine_name, package_versions
 from helpers.infra.storage import CACHE_DIR, cache_key, write_json_atomic
 
 
@@ -60,12 +61,13 @@ class Manifest:
         previous = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.files: dict[str, Any] = previous.get("files", {})
         self.common = {**common, "versions": package_versions()}
+        self.machine = machine_name()
 
     def record(self, files: list[Path] | Path, step: str, **params: Any) -> None:
         """Note that `step` with `params` wrote `files`, and save the manifest at once."""
         for file in [files] if isinstance(files, Path) else files:
             name = str(Path(file).resolve().relative_to(self.path.parent.resolve()))
-            self.files[name] = {"step": step, "params": params, "written": _now()}
+            self.files[name] = {"step": step, "params": params, "machine": self.machine, "written": _now()}
         write_json_atomic(self.path, {**self.common, "files": dict(sorted(self.files.items()))})
 
 

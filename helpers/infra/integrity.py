@@ -9,6 +9,7 @@ are verified against it on load.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -102,6 +103,21 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
     return versions
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_name() -> str:
+    """The CPU, and the GPU where CUDA is present: timings depend on both, and so do bfloat16 scores."""
+    gpu = f" + {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return cpu_model() + gpu
 
 
 @functools.cache

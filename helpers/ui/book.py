@@ -93,7 +93,8 @@ def _figure_sections(folder: Path, link: str, level: str) -> list[str]:
         lines += [f"{level} {png.stem.replace('_', ' ')}", "", f"![{png.stem}]({link}/{png.name})", ""]
         if entry:
             params = ", ".join(f"{k} = {v}" for k, v in sorted(entry.get("params", {}).items()))
-            lines += [f"Step `{entry.get('step')}`, written {entry.get('written')}: {params}.", ""]
+            machine = f" on {entry['machine']}" if "machine" in entry else ""  # older entries do not name it
+            lines += [f"Step `{entry.get('step')}`, written {entry.get('written')}{machine}: {params}.", ""]
         else:
             lines += ["Not in the manifest (written by a test or a benchmark script, see the README).", ""]
     return lines
