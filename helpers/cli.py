@@ -435,8 +435,13 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if args.rules:
         settings = dataclasses.replace(settings, rules=True)
     if args.check:
-        gap = check(settings, args.out or FIGURES_DIR)
-        print(f"largest relative difference against the committed cells: {gap:.2e}")
+        from helpers.infra.integrity import machine_name
+
+        gaps = check(settings, args.out or FIGURES_DIR)
+        print(f"against the committed cells, on {machine_name()}:")
+        print(f"  parameters and perplexity: largest relative difference {gaps['relative']:.2e}")
+        points = gaps["accuracy_points"]
+        print(f"  accuracy: largest difference {points:.1f} points (bfloat16 scoring: another CPU flips near ties)")
         return 0
     reproduce(settings, args.out or FIGURES_DIR, executor=args.executor)
     if settings.rules:  # the rules step builds on reproduce's cells (cached), in the same folder and manifest
