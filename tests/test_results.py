@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 
 from helpers.experiments.results import CellCache, Manifest
-from helpers.infra.integrity import code_fingerprint
+from helpers.infra.integrity import code_fingerprint, machine_name
 
 
 def test_cell_cache_computes_once_and_survives_an_interrupted_cell(tmp_path):
@@ -96,3 +101,14 @@ def test_fingerprint_of_one_class_ignores_the_rest_of_its_module(tmp_path, monke
     first = code_fingerprint(load("return 1", "return 'table v1'").Lab)
     assert code_fingerprint(load("return 1", "return 'table v2, reworded'").Lab) == first
     assert code_fingerprint(load("return 2", "return 'table v2, reworded'").Lab) != first
+
+
+def test_machine_name_is_the_cpu_lscpu_reports():
+    cpuinfo = Path("/proc/cpuinfo")
+    if shutil.which("lscpu") is None or not cpuinfo.exists() or "model name" not in cpuinfo.read_text():
+        pytest.skip("needs lscpu and an x86 /proc/cpuinfo")
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the name also holds the GPU")
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, env={**os.environ, "LC_ALL": "C"})
+    names = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines() if line.startswith("Model name:")]
+    assert machine_name() == names[0]
