@@ -99,7 +99,7 @@ def main() -> None:
         folder = sliced_folder(args.model, args.sp, args.sp, args.calib, 32, 256, sliced_head=True)
         models[f"constant SP={args.sp:g}, sliced head"] = str(folder)
     header = (
-        f"Model {args.model}; {device_name(pick_device(None)).split(',')[0]}, "
+        f"Model {args.model}; {device_name(pick_device(None), threads=False)}, "
         f"{args.threads} torch thread(s) per worker; {args.repeats} interleaved repeats after one warm-up; "
         "median [interquartile range]; ratio = per-round tokens/s over dense's.\n"
         f"Command: python {' '.join(sys.argv)}\n\n"

@@ -28,12 +28,12 @@ from helpers.infra.memory import peak_memory_mb, reset_peak_memory
 from helpers.models.loading import pick_device
 
 
-def device_name(device: torch.device | str) -> str:
-    """A readable name for the device: GPU model, or CPU model and thread count."""
+def device_name(device: torch.device | str, threads: bool = True) -> str:
+    """A readable name for the device: GPU model, or CPU model (and, with `threads`, this process's thread count)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_model()} CPU" + (f", {torch.get_num_threads()} threads" if threads else "")
 
 
 def _sync(device: torch.device) -> None:

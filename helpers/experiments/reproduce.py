@@ -499,7 +499,7 @@ def write_speed_report(summary: pd.DataFrame, settings: Settings, out: Path, man
     """speed_table.csv (every column of `speed.summarise`) and speed_table.md: what was run, the benchmark's
     table (`speed.speed_markdown`) and one generated reading per sliced model and workload."""
     header = (
-        f"{model_label(settings.model)}; {speed.device_name(pick_device(None)).split(',')[0]}, one torch thread per "
+        f"{model_label(settings.model)}; {speed.device_name(pick_device(None), threads=False)}, one torch thread per "
         f"worker process; prompts of {settings.speed_prompt} tokens, {settings.speed_new_tokens} new tokens "
         "(scripts/bench_speed.py runs the full-size workloads); one warm-up round, then interleaved rounds; "
         "median [interquartile range]; ratio = the per-round tokens/s over dense's.\n\n"
@@ -584,7 +584,9 @@ def reproduce(
     return tables
 
 
-def check(settings: Settings, out: Path = FIGURES_DIR, sample: tuple[str, ...] = ("dense", "constant")) -> dict:
+def check(
+    settings: Settings, out: Path = FIGURES_DIR, sample: tuple[str, ...] = ("dense", "constant")
+) -> dict[str, float]:
     """Recompute the first committed cell of each method in `sample` (no cache) against `out`/sweep_cells.csv.
 
     Returns the largest relative difference over parameters and both perplexities (float rounding only),
