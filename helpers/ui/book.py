@@ -94,7 +94,8 @@ def _figure_sections(folder: Path, link: str, level: str) -> list[str]:
         if entry:
             params = ", ".join(f"{k} = {v}" for k, v in sorted(entry.get("params", {}).items()))
             machine = f" on {entry['machine']}" if "machine" in entry else ""  # older entries do not name it
-            lines += [f"Step `{entry.get('step')}`, written {entry.get('written')}{machine}: {params}.", ""]
+            settings = f": {params}" if params else ""  # a step without parameters says none
+            lines += [f"Step `{entry.get('step')}`, written {entry.get('written')}{machine}{settings}.", ""]
         else:
             lines += ["Not in the manifest (written by a test or a benchmark script, see the README).", ""]
     return lines
