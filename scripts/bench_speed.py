@@ -4,6 +4,7 @@
     python scripts/bench_speed.py --quick      # 2 repeats, short prompts: a smoke run
     python scripts/bench_speed.py --sliced-head  # also constant slicing with the last residual sliced (final_dim)
     python scripts/bench_speed.py --modes eager,compiled  # also every model under torch.compile, static KV cache
+    python scripts/bench_speed.py --products-only  # FLOPs and the layer products' FLOP rates, no workloads
 
 Each model runs in its own worker process (fixed torch threads, one warm-up round);
 every round asks each worker once per workload, in a rotated order, so the load of a
@@ -13,7 +14,8 @@ and 8 x 512 tokens; generation is greedy `generate` (KV cache) of 64 new tokens 
 round. CUDA is used when present. Sliced models are sliced once (calibration 32 x 256
 tokens) and kept under data/sliced/bench_speed/. The table opens with each model's FLOPs
 (a prefill, one token's forward) and the speed-ups they allow at equal FLOP rates (the
-ceilings). Writes data/runs/speed_table.{csv,md}.
+ceilings), then times the decoder layers' products alone to show whether narrower products
+run at dense's FLOP rate. Writes data/runs/speed_table.{csv,md}.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from helpers.compression.checkpoints import load_model
 from helpers.evaluation.speed import (
@@ -33,6 +36,9 @@ from helpers.evaluation.speed import (
     flop_markdown,
     flop_table,
     interleaved_benchmark,
+    product_markdown,
+    product_rates,
+    product_summary,
     speed_markdown,
     summarise,
 )
@@ -78,6 +84,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--quick", action="store_true", help="2 repeats, 64-token prompts, 8 new tokens")
     p.add_argument("--sliced-head", action="store_true", help="add constant slicing with final_dim (V x d' head)")
+    p.add_argument("--products-only", action="store_true", help="stop after the FLOP and layer-product tables")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "speed_table")
     args = p.parse_args()
     if not set(args.modes.split(",")) <= set(MODES):
@@ -104,16 +111,29 @@ def main() -> None:
         "median [interquartile range]; ratio = per-round tokens/s over dense's.\n"
         f"Command: python {' '.join(sys.argv)}\n\n"
     )
-    flops = flop_table(
-        {label: load_model(source, device="cpu")[0] for label, source in models.items()}, args.prefill_len
-    )
+    loaded = {label: load_model(source, device="cpu")[0] for label, source in models.items()}
     header += (
         "FLOPs (matrix products counted by torch.utils.flop_counter, causal attention from the config; one token's "
         "forward = a decoding step's products per sequence); ceiling = dense's FLOPs over the model's: the speed-up "
         "if every FLOP ran at the same rate (docs/method.md section 7).\n\n"
-        + flop_markdown(flops, args.prefill_len)
+        + flop_markdown(flop_table(loaded, args.prefill_len), args.prefill_len)
         + "\n"
     )
+    torch.set_num_threads(args.threads)  # as in every worker
+    rows = [w.batch * w.length for w in workloads if w.kind == "prefill"]  # the prefill workloads' token counts
+    products = [product_rates(loaded, n, dtype) for dtype in args.dtypes.split(",") for n in rows]
+    header += (
+        "Layer products alone (every linear layer of the decoder layers on random rows, as many as a prefill's "
+        f"tokens; this process, {args.threads} thread(s), a warm-up, then n interleaved rounds): a time ratio below "
+        "the FLOP ratio means the narrower products ran at a lower FLOP rate than dense's.\n\n"
+        + product_markdown(product_summary(pd.concat(products)))
+        + "\n"
+    )
+    del loaded  # the workloads run in worker processes
+    if args.products_only:
+        write_text_atomic(args.out.with_suffix(".md"), header)
+        print(header + f"wrote {args.out.with_suffix('.md')}")
+        return
     samples = []
     runs = [(dtype, mode) for mode in args.modes.split(",") for dtype in args.dtypes.split(",")]
     for dtype, mode in runs:  # tables are rewritten after each run, so a stopped benchmark keeps its part

@@ -91,3 +91,30 @@ def test_flop_table_ceilings_are_ratios_to_the_baseline():
     weights = 4 * (64 * 128 + 64 * 64 + 3 * 64 * 96 + 2 * 64 * 64) + 128 * 64  # every matrix once, head included
     attention = 4 * 2 * 2 * 4 * 16  # 4 layers, QK^T and AV, 2 FLOPs per multiply-add, 4 heads of 16, one pair
     assert table.loc["rotated", "token_gflop"] * 1e9 == pytest.approx(2 * weights + attention)
+
+
+def test_product_rates_count_every_layer_product_and_pair_rounds():
+    """GFLOP per model is the closed-form sum over the layers' linear layers; time ratios pair rounds with dense."""
+    from helpers.evaluation.speed import product_rates, product_summary
+
+    d, ffn, kv, layers, rows = 64, 96, 32, 4, 8
+    dense, sliced = tiny_model("llama"), tiny_model("llama")
+    rotate_and_slice(sliced, torch.randint(0, 128, (4, 16)), [32] * layers, progress=False)
+    samples = product_rates({"dense": dense, "sliced": sliced}, rows, repeats=3, progress=False)
+    assert len(samples) == 6 and set(samples["repeat"]) == {0, 1, 2}  # the warm-up round is not a sample
+
+    def per_layer(d_in: int, d_out: int, shortcuts: bool) -> int:  # multiply-adds per row: q k v, o, gate up, down
+        return d_in * (d + 2 * kv) + d * d_in + 2 * d_in * ffn + ffn * d_out + shortcuts * (d_in * d_in + d_in * d_out)
+
+    expected = {
+        "dense": layers * per_layer(d, d, False),
+        "sliced": (layers - 1) * per_layer(32, 32, True) + per_layer(32, d, True),  # the last layer writes d
+    }
+    got = samples.groupby("model")["gflop"].first()
+    for label, mults in expected.items():
+        assert got[label] * 1e9 == pytest.approx(2 * rows * mults)
+    summary = product_summary(samples).set_index("model")
+    seconds = samples.pivot(index="repeat", columns="model", values="seconds")
+    assert summary.loc["sliced", "speedup"] == pytest.approx(np.median(seconds["dense"] / seconds["sliced"]))
+    assert summary.loc["sliced", "flop_ratio"] == pytest.approx(expected["dense"] / expected["sliced"])
+    assert summary.loc["dense", "gflop_per_s"] == pytest.approx(got["dense"] / seconds["dense"].median())

@@ -11,6 +11,7 @@ torch.cuda.max_memory_allocated on CUDA (`helpers.infra.memory`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import multiprocessing as mp
 import time
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from helpers.compression.checkpoints import load_model
 from helpers.infra.integrity import cpu_model
 from helpers.infra.memory import peak_memory_mb, reset_peak_memory
+from helpers.models.adapters import get_adapter
 from helpers.models.loading import pick_device
 
 
@@ -165,6 +167,91 @@ def flop_markdown(table: pd.DataFrame, length: int) -> str:
         lines.append(
             f"| {r.model} | {r.prefill_matmul_gflop:.2f} + {r.prefill_attention_gflop:.2f} = {r.prefill_gflop:.2f} "
             f"| {r.prefill_ceiling:.3f} | {r.token_gflop:.4f} | {r.token_ceiling:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def layer_linears(model: nn.Module) -> list[nn.Linear]:
+    """Every linear layer inside the decoder layers (shortcuts and maps included): the products slicing narrows."""
+    layers = get_adapter(model).layers(model)
+    return [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+
+
+def product_rates(
+    models: dict[str, nn.Module], rows: int, dtype: str = "float32", repeats: int = 7, progress: bool = True
+) -> pd.DataFrame:
+    """Seconds of every model's decoder-layer products alone (random inputs of `rows` rows), interleaved rounds.
+
+    Each round runs each model's `layer_linears` once, in an order rotated each
+    round, after one warm-up round. Set against their FLOP ratio, the time ratio
+    says whether narrower products run at dense's FLOP rate (docs/method.md
+    section 7). One row per (model, repeat): seconds and GFLOP.
+    """
+    torch_dtype = getattr(torch, dtype)
+    generator = torch.Generator().manual_seed(0)
+    work = {label: [copy.deepcopy(m).to(torch_dtype) for m in layer_linears(model)] for label, model in models.items()}
+    widths = {m.in_features for linears in work.values() for m in linears}
+    inputs = {w: torch.randn(rows, w, generator=generator).to(torch_dtype) for w in sorted(widths)}
+    gflop = {
+        label: 2 * rows * sum(m.in_features * m.out_features for m in linears) / 1e9 for label, linears in work.items()
+    }
+    labels, samples = list(work), []
+    with torch.no_grad():
+        for repeat in tqdm(range(-1, repeats), desc=f"products {dtype}", unit="round", disable=not progress):
+            for label in labels[repeat % len(labels) :] + labels[: repeat % len(labels)]:
+                start = time.perf_counter()
+                for linear in work[label]:
+                    linear(inputs[linear.in_features])
+                seconds = time.perf_counter() - start
+                if repeat >= 0:  # round -1 is the warm-up
+                    samples.append(
+                        {
+                            "dtype": dtype,
+                            "rows": rows,
+                            "model": label,
+                            "repeat": repeat,
+                            "seconds": seconds,
+                            "gflop": gflop[label],
+                        }
+                    )
+    return pd.DataFrame(samples)
+
+
+def product_summary(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
+    """Per model: GFLOP, median GFLOP/s, FLOP ratio to `baseline`, and median [IQR] of the per-round time ratio."""
+    keys = ["dtype", "rows", "repeat"]
+    base = samples[samples["model"] == baseline].set_index(keys)
+    index = samples.set_index(keys).index
+    samples = samples.assign(
+        speedup=base["seconds"].loc[index].to_numpy() / samples["seconds"].to_numpy(),
+        flop_ratio=base["gflop"].loc[index].to_numpy() / samples["gflop"].to_numpy(),
+    )
+    groups = samples.groupby(["dtype", "rows", "model"], sort=False)
+    summary = pd.DataFrame(
+        {
+            "gflop": groups["gflop"].first(),
+            "seconds": groups["seconds"].median(),
+            "flop_ratio": groups["flop_ratio"].first(),
+            "speedup": groups["speedup"].median(),
+            "speedup_q1": groups["speedup"].quantile(0.25),
+            "speedup_q3": groups["speedup"].quantile(0.75),
+            "repeats": groups["seconds"].size(),
+        }
+    )
+    return summary.assign(gflop_per_s=summary["gflop"] / summary["seconds"]).reset_index()
+
+
+def product_markdown(summary: pd.DataFrame) -> str:
+    """The product summary as Markdown: FLOPs, rate, and the time ratio beside the FLOP ratio."""
+    lines = [
+        "| dtype | rows | model | layer products GFLOP | GFLOP/s (median) | FLOP ratio to dense "
+        "| time ratio to dense, median [IQR] | n |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary.itertuples():
+        lines.append(
+            f"| {r.dtype} | {r.rows} | {r.model} | {r.gflop:.2f} | {r.gflop_per_s:.1f} | {r.flop_ratio:.3f} "
+            f"| {r.speedup:.3f} [{r.speedup_q1:.3f}, {r.speedup_q3:.3f}] | {r.repeats} |"
         )
     return "\n".join(lines) + "\n"
 
