@@ -202,6 +202,26 @@ flop_models[f"dynamic SP={sp0} SB={sb0}"] = lab.sliced(sp0, sb0)
 flop_table(flop_models, 512).round(3)
 
 # %% [markdown]
+# ## Counted FLOPs against the rate they run at
+#
+# A ceiling assumes every FLOP runs at the same rate. `product_rates` checks that assumption on
+# the part slicing shrinks: it times each model's decoder-layer products alone (its own weights,
+# random inputs, interleaved rounds after a warm-up) and `product_summary` sets their time ratio
+# beside their FLOP ratio. Look for the time ratio falling short of the FLOP ratio: narrower
+# matrices often run fewer FLOPs per second, and no prefill is faster than its products allow. (At
+# full size on the CPU the README's speed section names, float32 products of the 30%-sliced layers
+# ran 5-13% slower per FLOP than dense's, and the float32 prefill stayed below 1.25x for that
+# reason.) In generation the V x d head, which slicing leaves whole, is the largest single
+# product; slicing it too (`final_dim`, docs/method.md section 3) is what carries batch-16
+# generation past the ceiling above.
+
+# %%
+from helpers.evaluation.speed import product_markdown, product_rates, product_summary
+
+rows = 64 if FAST else 512  # as many rows as a prefill's tokens
+display(Markdown(product_markdown(product_summary(product_rates(flop_models, rows, repeats=3 if FAST else 7)))))
+
+# %% [markdown]
 # ## Questionnaire
 #
 # 1. How does a causal language model choose among the options of a multiple-choice question?
@@ -211,6 +231,8 @@ flop_table(flop_models, 512).round(3)
 # 5. Why can a smaller model be slower, and what would you need to trust a 10% speed difference?
 # 6. Slicing keeps 70% of the residual dimensions at SP = 0.3. Why is the FLOP ceiling of prefill
 #    well below 1 / 0.7, and why is the one for generation lower still?
+# 7. The layer products of a sliced model do 1.27x fewer FLOPs than dense's yet may run only 1.2x
+#    faster. What does that say about the FLOP ceiling, and which of the two would you quote?
 #
 # ## Exercises
 #
