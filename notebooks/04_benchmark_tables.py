@@ -210,7 +210,7 @@ flop_table(flop_models, 512).round(3)
 # beside their FLOP ratio. Look for the time ratio falling short of the FLOP ratio: narrower
 # matrices often run fewer FLOPs per second, and no prefill is faster than its products allow. (At
 # full size on the CPU the README's speed section names, float32 products of the 30%-sliced layers
-# ran 5-13% slower per FLOP than dense's, and the float32 prefill stayed below 1.25x for that
+# ran 6-13% slower per FLOP than dense's, and the float32 prefill stayed below 1.25x for that
 # reason.) In generation the V x d head, which slicing leaves whole, is the largest single
 # product; slicing it too (`final_dim`, docs/method.md section 3) is what carries batch-16
 # generation past the ceiling above.
