@@ -156,19 +156,34 @@ def flop_table(models: dict[str, nn.Module], length: int, baseline: str = "dense
     return table.reset_index()
 
 
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table: one header row, its separator, one line per row (cells as given or str())."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def flop_markdown(table: pd.DataFrame, length: int) -> str:
     """The FLOP table as Markdown."""
-    lines = [
-        f"| model | 1 x {length} prefill GFLOP: products + attention = total | prefill ceiling "
-        "| one token's forward GFLOP | generation ceiling |",
-        "|---|---|---|---|---|",
-    ]
-    for r in table.itertuples():
-        lines.append(
-            f"| {r.model} | {r.prefill_matmul_gflop:.2f} + {r.prefill_attention_gflop:.2f} = {r.prefill_gflop:.2f} "
-            f"| {r.prefill_ceiling:.3f} | {r.token_gflop:.4f} | {r.token_ceiling:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return markdown_table(
+        [
+            "model",
+            f"1 x {length} prefill GFLOP: products + attention = total",
+            "prefill ceiling",
+            "one token's forward GFLOP",
+            "generation ceiling",
+        ],
+        [
+            [
+                r.model,
+                f"{r.prefill_matmul_gflop:.2f} + {r.prefill_attention_gflop:.2f} = {r.prefill_gflop:.2f}",
+                f"{r.prefill_ceiling:.3f}",
+                f"{r.token_gflop:.4f}",
+                f"{r.token_ceiling:.3f}",
+            ]
+            for r in table.itertuples()
+        ],
+    )
 
 
 def layer_linears(model: nn.Module) -> list[nn.Linear]:
@@ -243,17 +258,31 @@ def product_summary(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFr
 
 def product_markdown(summary: pd.DataFrame) -> str:
     """The product summary as Markdown: FLOPs, rate, and the time ratio beside the FLOP ratio."""
-    lines = [
-        "| dtype | rows | model | layer products GFLOP | GFLOP/s (median) | FLOP ratio to dense "
-        "| time ratio to dense, median [IQR] | n |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in summary.itertuples():
-        lines.append(
-            f"| {r.dtype} | {r.rows} | {r.model} | {r.gflop:.2f} | {r.gflop_per_s:.1f} | {r.flop_ratio:.3f} "
-            f"| {r.speedup:.3f} [{r.speedup_q1:.3f}, {r.speedup_q3:.3f}] | {r.repeats} |"
-        )
-    return "\n".join(lines) + "\n"
+    return markdown_table(
+        [
+            "dtype",
+            "rows",
+            "model",
+            "layer products GFLOP",
+            "GFLOP/s (median)",
+            "FLOP ratio to dense",
+            "time ratio to dense, median [IQR]",
+            "n",
+        ],
+        [
+            [
+                r.dtype,
+                r.rows,
+                r.model,
+                f"{r.gflop:.2f}",
+                f"{r.gflop_per_s:.1f}",
+                f"{r.flop_ratio:.3f}",
+                f"{r.speedup:.3f} [{r.speedup_q1:.3f}, {r.speedup_q3:.3f}]",
+                r.repeats,
+            ]
+            for r in summary.itertuples()
+        ],
+    )
 
 
 def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
@@ -435,14 +464,28 @@ def summarise(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
 
 def speed_markdown(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table: median tokens/s [IQR], ratio to dense [IQR], peak memory."""
-    lines = [
-        "| dtype | mode | workload | model | tokens/s median [IQR] | ratio to dense median [IQR] | peak MiB | n |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in summary.itertuples():
-        lines.append(
-            f"| {r.dtype} | {r.mode} | {r.workload} | {r.model} | {r.tokens_per_s:.1f} [{r.tokens_per_s_q1:.1f}, "
-            f"{r.tokens_per_s_q3:.1f}] | {r.ratio_to_dense:.3f} [{r.ratio_q1:.3f}, {r.ratio_q3:.3f}] | "
-            f"{r.peak_memory_mb:.0f} | {r.repeats} |"
-        )
-    return "\n".join(lines) + "\n"
+    return markdown_table(
+        [
+            "dtype",
+            "mode",
+            "workload",
+            "model",
+            "tokens/s median [IQR]",
+            "ratio to dense median [IQR]",
+            "peak MiB",
+            "n",
+        ],
+        [
+            [
+                r.dtype,
+                r.mode,
+                r.workload,
+                r.model,
+                f"{r.tokens_per_s:.1f} [{r.tokens_per_s_q1:.1f}, {r.tokens_per_s_q3:.1f}]",
+                f"{r.ratio_to_dense:.3f} [{r.ratio_q1:.3f}, {r.ratio_q3:.3f}]",
+                f"{r.peak_memory_mb:.0f}",
+                r.repeats,
+            ]
+            for r in summary.itertuples()
+        ],
+    )
