@@ -156,9 +156,9 @@ def flop_table(models: dict[str, nn.Module], length: int, baseline: str = "dense
     return table.reset_index()
 
 
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table: one header row, its separator, one line per row (cells as given or str())."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def markdown_table(header: str, rows: list[list[Any]]) -> str:
+    """A Markdown table from a header "a | b | c", its separator, and one line per row (cells through str())."""
+    lines = [f"| {header} |", "|" + "---|" * len(header.split(" | "))]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -166,13 +166,8 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 def flop_markdown(table: pd.DataFrame, length: int) -> str:
     """The FLOP table as Markdown."""
     return markdown_table(
-        [
-            "model",
-            f"1 x {length} prefill GFLOP: products + attention = total",
-            "prefill ceiling",
-            "one token's forward GFLOP",
-            "generation ceiling",
-        ],
+        f"model | 1 x {length} prefill GFLOP: products + attention = total | prefill ceiling "
+        "| one token's forward GFLOP | generation ceiling",
         [
             [
                 r.model,
@@ -259,16 +254,8 @@ def product_summary(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFr
 def product_markdown(summary: pd.DataFrame) -> str:
     """The product summary as Markdown: FLOPs, rate, and the time ratio beside the FLOP ratio."""
     return markdown_table(
-        [
-            "dtype",
-            "rows",
-            "model",
-            "layer products GFLOP",
-            "GFLOP/s (median)",
-            "FLOP ratio to dense",
-            "time ratio to dense, median [IQR]",
-            "n",
-        ],
+        "dtype | rows | model | layer products GFLOP | GFLOP/s (median) | FLOP ratio to dense "
+        "| time ratio to dense, median [IQR] | n",
         [
             [
                 r.dtype,
@@ -465,16 +452,7 @@ def summarise(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
 def speed_markdown(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table: median tokens/s [IQR], ratio to dense [IQR], peak memory."""
     return markdown_table(
-        [
-            "dtype",
-            "mode",
-            "workload",
-            "model",
-            "tokens/s median [IQR]",
-            "ratio to dense median [IQR]",
-            "peak MiB",
-            "n",
-        ],
+        "dtype | mode | workload | model | tokens/s median [IQR] | ratio to dense median [IQR] | peak MiB | n",
         [
             [
                 r.dtype,
