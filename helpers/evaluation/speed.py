@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import multiprocessing as mp
 import time
 from collections.abc import Callable
@@ -188,31 +189,42 @@ def layer_linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def product_rates(
-    models: dict[str, nn.Module], rows: int, dtype: str = "float32", repeats: int = 7, progress: bool = True
+    models: dict[str, nn.Module],
+    rows: int,
+    dtype: str = "float32",
+    repeats: int = 7,
+    device: str | torch.device | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Seconds of every model's decoder-layer products alone (random inputs of `rows` rows), interleaved rounds.
 
     Each round runs each model's `layer_linears` once, in an order rotated each
     round, after one warm-up round. Set against their FLOP ratio, the time ratio
     says whether narrower products run at dense's FLOP rate (docs/method.md
-    section 7). One row per (model, repeat): seconds and GFLOP.
+    section 7). Copies run on `device` (default: CUDA if present, as the
+    workloads do). One row per (model, repeat): seconds and GFLOP.
     """
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype, device = getattr(torch, dtype), pick_device(device)
     generator = torch.Generator().manual_seed(0)
-    work = {label: [copy.deepcopy(m).to(torch_dtype) for m in layer_linears(model)] for label, model in models.items()}
+    work = {
+        label: [copy.deepcopy(m).to(device, torch_dtype) for m in layer_linears(model)]
+        for label, model in models.items()
+    }
     widths = {m.in_features for linears in work.values() for m in linears}
-    inputs = {w: torch.randn(rows, w, generator=generator).to(torch_dtype) for w in sorted(widths)}
+    inputs = {w: torch.randn(rows, w, generator=generator).to(device, torch_dtype) for w in sorted(widths)}
     gflop = {
         label: 2 * rows * sum(m.in_features * m.out_features for m in linears) / 1e9 for label, linears in work.items()
     }
+
+    def run(linears: list[nn.Linear]) -> None:  # outputs are dropped as they come
+        for linear in linears:
+            linear(inputs[linear.in_features])
+
     labels, samples = list(work), []
     with torch.no_grad():
         for repeat in tqdm(range(-1, repeats), desc=f"products {dtype}", unit="round", disable=not progress):
             for label in labels[repeat % len(labels) :] + labels[: repeat % len(labels)]:
-                start = time.perf_counter()
-                for linear in work[label]:
-                    linear(inputs[linear.in_features])
-                seconds = time.perf_counter() - start
+                seconds = timed(functools.partial(run, work[label]), device)[1]
                 if repeat >= 0:  # round -1 is the warm-up
                     samples.append(
                         {
