@@ -15,7 +15,8 @@ round. CUDA is used when present. Sliced models are sliced once (calibration 32 
 tokens) and kept under data/sliced/bench_speed/. The table opens with each model's FLOPs
 (a prefill, one token's forward) and the speed-ups they allow at equal FLOP rates (the
 ceilings), then times the decoder layers' products alone to show whether narrower products
-run at dense's FLOP rate. Writes data/runs/speed_table.{csv,md}.
+run at dense's FLOP rate. Under the speed table, one generated reading per sliced model and
+workload (as under the reproduce command's). Writes data/runs/speed_table.{csv,md}.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from helpers.evaluation.speed import (
     speed_markdown,
     summarise,
 )
+from helpers.experiments.readings import read_speed_table
 from helpers.infra.storage import DATA_DIR, RUNS_DIR, slug, write_csv_atomic, write_text_atomic
 from helpers.infra.textdata import CALIB_TEXT
 from helpers.models.loading import DEFAULT_MODEL, pick_device
@@ -139,7 +141,7 @@ def main() -> None:
     for dtype, mode in runs:  # tables are rewritten after each run, so a stopped benchmark keeps its part
         samples.append(interleaved_benchmark(models, dtype, workloads, args.repeats, args.threads, mode=mode))
         summary = summarise(pd.concat(samples))
-        text = header + speed_markdown(summary)
+        text = header + speed_markdown(summary) + "\n" + read_speed_table(summary) + "\n"
         write_csv_atomic(summary, args.out.with_suffix(".csv"))
         write_text_atomic(args.out.with_suffix(".md"), text)
         print(text, flush=True)
