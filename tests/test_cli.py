@@ -50,3 +50,21 @@ def test_a_bad_command_line_does_not_import_other_stages():
 def test_every_command_help_lists_its_own_arguments(name, capsys):
     assert main([name, "--help"]) == 0
     assert "--out" in capsys.readouterr().out
+
+
+def test_slice_final_dim_last_gives_the_head_the_last_layers_width(tmp_path, capsys):
+    """`slice --final-dim last`: the head reads the last layer's kept width ((1 - SP) d rounded down to 8)."""
+    from transformers import AutoTokenizer
+
+    from helpers.compression.checkpoints import load_model
+    from helpers.models.loading import DEFAULT_MODEL, resolve_model, tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    argv = ["slice", "--model", str(tmp_path / "tiny"), "--sp", "0.3", "--calib-seqlen", "16", "--calib-windows", "8"]
+    assert main([*argv, "--final-dim", "last", "--out", str(tmp_path / "sliced")]) == 0
+    kept = int(0.7 * 64) // 8 * 8  # tiny_model's hidden size is 64
+    assert f"the head reads {kept} dimensions" in capsys.readouterr().out
+    model, _ = load_model(str(tmp_path / "sliced"), device="cpu")
+    assert model.slicing_info.final_dim == kept and tuple(model.lm_head.weight.shape) == (len(tokenizer), kept)

@@ -111,6 +111,7 @@ BAD_INPUTS = [  # (argv with {w} for the world folder, environment, part of the 
     (["slice", "--sp", "1.5", "--out", "{w}/new"], {}, "--sp"),
     (["slice", "--out", "{w}/new"], {}, "required"),
     (["slice", "--sp", "0.3", "--final-dim", "0", "--out", "{w}/new"], {}, "--final-dim"),
+    (["slice", "--sp", "0.3", "--final-dim", "first", "--out", "{w}/new"], {}, 'positive integer or "last"'),
     (["slice", "--sp", "0.3", "--final-dim", "100000", "--model", "{w}/tiny", "--out", "{w}/new"], {}, "hidden size"),
     (["allocate", "--lr", "{w}/lr.csv", "--sp", "0.3", "--sb", "-0.1"], {}, "--sb"),
     (["speed", "--batch-sizes", "1,0"], {}, "--batch-sizes"),
