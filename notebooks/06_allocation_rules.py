@@ -137,7 +137,7 @@ summary = pd.DataFrame(
     }
 )
 display(Markdown(summary.to_markdown(index=False)))
-pd.DataFrame(allocations).plot(marker="o", ms=3, xlabel="layer", ylabel="kept dimension", title="Kept dimensions")
+ax = pd.DataFrame(allocations).plot(marker="o", ms=3, xlabel="layer", ylabel="kept dimension", title="Kept dimensions")
 
 # %% [markdown]
 # By construction the spectral rule keeps the most PCA energy at the budget. Whether energy is

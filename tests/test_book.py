@@ -97,7 +97,8 @@ def test_book_in_chromium(book, chromium_options):
                 assert errors.count() == 0 and "Traceback (most recent call last)" not in text, name
                 unrendered = [row for row in ("|---|", "|\u2014|") if row in text]  # a table shown as its source
                 assert not unrendered, f"{name}: a Markdown table is shown as text ({unrendered})"
-                assert "<Figure size" not in text, f"{name}: a cell ends with a figure object, shown as its repr"
+                reprs = [r for r in ("<Figure size", "<Axes:") if r in text]  # a cell ending with a plot object
+                assert not reprs, f"{name}: a plot object is shown as its repr ({reprs})"
                 hrefs = page.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
                 broken = [str(t) for t in internal_targets(hrefs) if not t.exists()]
                 assert not broken, f"{name}: broken internal links {broken}"
