@@ -118,3 +118,6 @@ def test_product_rates_count_every_layer_product_and_pair_rounds():
     assert summary.loc["sliced", "speedup"] == pytest.approx(np.median(seconds["dense"] / seconds["sliced"]))
     assert summary.loc["sliced", "flop_ratio"] == pytest.approx(expected["dense"] / expected["sliced"])
     assert summary.loc["dense", "gflop_per_s"] == pytest.approx(got["dense"] / seconds["dense"].median())
+    bf16 = product_rates({"dense": dense, "sliced": sliced}, rows, "bfloat16", repeats=1, progress=False)
+    assert bf16.groupby("model")["gflop"].first().equals(got)  # same products in another dtype
+    assert all(p.dtype == torch.float32 for p in sliced.parameters())  # timed on copies: the model is unchanged

@@ -188,6 +188,13 @@ def layer_linears(model: nn.Module) -> list[nn.Linear]:
     return [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
 
 
+def _on(linear: nn.Linear, device: torch.device, dtype: torch.dtype) -> nn.Linear:
+    """`linear` itself where it already has this device and dtype, else a converted copy (the model stays as it is)."""
+    if linear.weight.device == device and linear.weight.dtype == dtype:
+        return linear
+    return copy.deepcopy(linear).to(device, dtype)
+
+
 def product_rates(
     models: dict[str, nn.Module],
     rows: int,
@@ -201,15 +208,12 @@ def product_rates(
     Each round runs each model's `layer_linears` once, in an order rotated each
     round, after one warm-up round. Set against their FLOP ratio, the time ratio
     says whether narrower products run at dense's FLOP rate (docs/method.md
-    section 7). Copies run on `device` (default: CUDA if present, as the
-    workloads do). One row per (model, repeat): seconds and GFLOP.
+    section 7). Runs on `device` (default: CUDA if present, as the workloads
+    do), converting copies where needed. One row per (model, repeat): seconds and GFLOP.
     """
     torch_dtype, device = getattr(torch, dtype), pick_device(device)
     generator = torch.Generator().manual_seed(0)
-    work = {
-        label: [copy.deepcopy(m).to(device, torch_dtype) for m in layer_linears(model)]
-        for label, model in models.items()
-    }
+    work = {label: [_on(m, device, torch_dtype) for m in layer_linears(model)] for label, model in models.items()}
     widths = {m.in_features for linears in work.values() for m in linears}
     inputs = {w: torch.randn(rows, w, generator=generator).to(device, torch_dtype) for w in sorted(widths)}
     gflop = {
