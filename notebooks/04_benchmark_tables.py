@@ -211,7 +211,7 @@ flop_table(flop_models, 512).round(3)
 # matrices often run fewer FLOPs per second, and a prefill gains less than its products do. (At
 # full size on the CPU the README's speed section names, float32 products of the 30%-sliced layers
 # ran 5-13% slower per FLOP than dense's, and the float32 prefill reached 1.25x in only one run of
-# six.) In generation the V x d head, which slicing leaves whole, is the largest single
+# seven.) In generation the V x d head, which slicing leaves whole, is the largest single
 # product; slicing it too (`final_dim`, docs/method.md section 3) is what carries batch-16
 # generation past the ceiling above.
 
