@@ -188,6 +188,18 @@ def layer_linears(model: nn.Module) -> list[nn.Linear]:
     return [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
 
 
+def _round_order(labels: list[str], repeat: int) -> list[str]:
+    """The order in which round `repeat` runs the models: rotated each round, so none always goes first."""
+    shift = repeat % len(labels)
+    return labels[shift:] + labels[:shift]
+
+
+def _paired_baseline(samples: pd.DataFrame, keys: list[str], column: str, baseline: str = "dense") -> pd.Series:
+    """Per sample, `column` of the `baseline` model's sample from the same round (`keys`), aligned to `samples`."""
+    base = samples[samples["model"] == baseline].set_index(keys)[column]
+    return pd.Series(base.loc[samples.set_index(keys).index].to_numpy(), index=samples.index)
+
+
 def _on(linear: nn.Linear, device: torch.device, dtype: torch.dtype) -> nn.Linear:
     """`linear` itself where it already has this device and dtype, else a converted copy (the model stays as it is)."""
     if linear.weight.device == device and linear.weight.dtype == dtype:
@@ -227,7 +239,7 @@ def product_rates(
     labels, samples = list(work), []
     with torch.no_grad():
         for repeat in tqdm(range(-1, repeats), desc=f"products {dtype}", unit="round", disable=not progress):
-            for label in labels[repeat % len(labels) :] + labels[: repeat % len(labels)]:
+            for label in _round_order(labels, repeat):
                 seconds = timed(functools.partial(run, work[label]), device)[1]
                 if repeat >= 0:  # round -1 is the warm-up
                     samples.append(
@@ -246,11 +258,9 @@ def product_rates(
 def product_summary(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
     """Per model: GFLOP, median GFLOP/s, FLOP ratio to `baseline`, and median [IQR] of the per-round time ratio."""
     keys = ["dtype", "rows", "repeat"]
-    base = samples[samples["model"] == baseline].set_index(keys)
-    index = samples.set_index(keys).index
     samples = samples.assign(
-        speedup=base["seconds"].loc[index].to_numpy() / samples["seconds"].to_numpy(),
-        flop_ratio=base["gflop"].loc[index].to_numpy() / samples["gflop"].to_numpy(),
+        speedup=_paired_baseline(samples, keys, "seconds", baseline) / samples["seconds"],
+        flop_ratio=_paired_baseline(samples, keys, "gflop", baseline) / samples["gflop"],
     )
     groups = samples.groupby(["dtype", "rows", "model"], sort=False)
     summary = pd.DataFrame(
@@ -418,8 +428,7 @@ def interleaved_benchmark(
         labels = list(workers)
         steps = [(w, r) for w in workloads for r in range(-1, repeats)]
         for workload, repeat in tqdm(steps, desc=f"speed {dtype} {mode}", unit="round", disable=not progress):
-            order = labels[repeat % len(labels) :] + labels[: repeat % len(labels)]
-            for label in order:
+            for label in _round_order(labels, repeat):
                 result = workers[label].request(workload.kind, workload.batch, workload.length, workload.new_tokens)
                 if repeat >= 0:  # round -1 is the warm-up
                     rows.append(
@@ -446,10 +455,7 @@ def summarise(samples: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
     so the machine's load in that round cancels.
     """
     keys = ["dtype", "mode", "workload", "repeat"]
-    base = samples[samples["model"] == baseline].set_index(keys)["tokens_per_s"]
-    samples = samples.assign(
-        ratio=samples["tokens_per_s"].to_numpy() / base.loc[samples.set_index(keys).index].to_numpy()
-    )
+    samples = samples.assign(ratio=samples["tokens_per_s"] / _paired_baseline(samples, keys, "tokens_per_s", baseline))
     groups = samples.groupby(["dtype", "mode", "workload", "model"], sort=False)
     return pd.DataFrame(
         {
