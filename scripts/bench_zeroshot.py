@@ -1,7 +1,7 @@
 """Zero-shot scoring speed: the lab's scorers against lm-evaluation-harness on the same questions, one run.
 
     .venv/bin/python scripts/bench_zeroshot.py --limit 100 --repeats 3
-    PYTHONPATH=. /work/lmeval-venv/bin/python scripts/bench_zeroshot.py   # also times the harness
+    PYTHONPATH=. $LMEVAL_VENV/bin/python scripts/bench_zeroshot.py   # a venv with lm-eval 0.4.13: also times it
 
 Times, on the default model in float32 and interleaved over `--repeats`: the lab's shared-context scorer
 (the default), its whole-row scorer (the harness's way, same code path otherwise) and, when `lm_eval` is
