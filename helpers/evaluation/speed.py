@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from helpers.compression.checkpoints import load_model
 from helpers.infra.integrity import cpu_model
 from helpers.infra.memory import peak_memory_mb, reset_peak_memory
+from helpers.infra.storage import markdown_table
 from helpers.models.adapters import get_adapter
 from helpers.models.loading import pick_device
 
@@ -155,13 +156,6 @@ def flop_table(models: dict[str, nn.Module], length: int, baseline: str = "dense
     for kind in ("prefill", "token"):
         table[f"{kind}_ceiling"] = table.loc[baseline, f"{kind}_gflop"] / table[f"{kind}_gflop"]
     return table.reset_index()
-
-
-def markdown_table(header: str, rows: list[list[Any]]) -> str:
-    """A Markdown table from a header "a | b | c", its separator, and one line per row (cells through str())."""
-    lines = [f"| {header} |", "|" + "---|" * len(header.split(" | "))]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def flop_markdown(table: pd.DataFrame, length: int) -> str:

@@ -41,7 +41,7 @@ from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
 from helpers.evaluation.zeroshot import evaluate
 from helpers.experiments.results import CellCache
 from helpers.infra.integrity import code_fingerprint
-from helpers.infra.storage import DATA_DIR
+from helpers.infra.storage import DATA_DIR, markdown_table
 from helpers.infra.textdata import load_split
 from helpers.models.adapters import get_adapter
 from helpers.models.loading import DEFAULT_MODEL
@@ -325,20 +325,18 @@ def comparison_table(cells: dict[str, dict], plan_: dict, reference: str = "dyna
 def summary_table(table: pd.DataFrame, reference: str = "dynamic slicing") -> str:
     """The README's compact Markdown of `comparison_table`: size, perplexity interval, accuracy +/- SE and the
     paired differences from `reference` with their intervals and verdicts."""
-    lines = [
-        "| method | layers | parameters | removed | perplexity (95% interval) | average accuracy "
-        f"| vs {reference}: perplexity | vs {reference}: accuracy |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for r in table.itertuples():
         if r.method == reference:
             ppl = acc = "-"
         else:
             ppl = f"{r.ppl_diff:+.1f} ({r.ppl_diff_low:+.1f}, {r.ppl_diff_high:+.1f}) {r.ppl_verdict}"
             acc = f"{r.acc_diff:+.3f} ({r.acc_diff_low:+.3f}, {r.acc_diff_high:+.3f}) {r.acc_verdict}"
-        lines.append(
-            f"| {r.method} | {r.layers} | {r.params:,} | {r.removed_pct:.1f}% | {r.perplexity:.1f} "
-            f"({r.perplexity_low:.1f}-{r.perplexity_high:.1f}) | {r.avg_acc:.3f} +/- {r.avg_acc_se:.3f} "
-            f"| {ppl} | {acc} |"
-        )
-    return "\n".join(lines) + "\n"
+        perplexity = f"{r.perplexity:.1f} ({r.perplexity_low:.1f}-{r.perplexity_high:.1f})"
+        accuracy = f"{r.avg_acc:.3f} +/- {r.avg_acc_se:.3f}"
+        rows.append([r.method, r.layers, f"{r.params:,}", f"{r.removed_pct:.1f}%", perplexity, accuracy, ppl, acc])
+    return markdown_table(
+        "method | layers | parameters | removed | perplexity (95% interval) | average accuracy "
+        f"| vs {reference}: perplexity | vs {reference}: accuracy",
+        rows,
+    )

@@ -51,7 +51,7 @@ from helpers.experiments.results import CellCache, Manifest
 from helpers.experiments.sweeps import sb_values
 from helpers.infra import storage
 from helpers.infra.integrity import code_fingerprint
-from helpers.infra.storage import DATA_DIR, FIGURES_DIR, cache_key, slug, write_text_atomic
+from helpers.infra.storage import DATA_DIR, FIGURES_DIR, cache_key, markdown_table, slug, write_text_atomic
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, bos_id, load_split, load_windows
 from helpers.models.loading import DEFAULT_MODEL, model_label, pick_device
 from helpers.ui import plots
@@ -412,26 +412,24 @@ def results_summary(results: pd.DataFrame, comparisons: pd.DataFrame, settings: 
     """
     tasks = list(settings.tasks)
     sizes = ", ".join(f"{t} {settings.task_limit(t) or 'all'}" for t in tasks)
-    lines = [
+    intro = (
         f"{model_label(settings.model)}; {int(results['questions'].iloc[0])} questions per model "
         f"({sizes}), zero-shot scored in "
         f"{settings.dtype}; perplexity on {len(settings.eval_texts) * settings.eval_windows} x {settings.seqlen} "
         f"tokens of {', '.join(settings.eval_texts)} ({'BOS first' if bos else 'no BOS'}). "
-        "Accuracy +/- one standard error; perplexity with its 95% bootstrap interval over windows.",
-        "",
-        "| method | SP | SB | realised slice | parameters | average accuracy | perplexity (95% interval) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        "Accuracy +/- one standard error; perplexity with its 95% bootstrap interval over windows."
+    )
+    rows = []
     for r in results.itertuples():
         se = np.sqrt(sum(getattr(r, f"{t}_se") ** 2 for t in tasks)) / len(tasks)
         sp, sb = ("-", "-") if r.method == "dense" else (f"{r.sp:.2f}", f"{r.sb:.2f}")
-        lines.append(
-            f"| {r.method} | {sp} | {sb} | {r.realised_slice:.3f} | {r.params:,} | {r.average:.3f} +/- {se:.3f} | "
-            f"{r.ppl_eval:.1f} ({r.ppl_eval_low:.1f}-{r.ppl_eval_high:.1f}) |"
-        )
+        accuracy = f"{r.average:.3f} +/- {se:.3f}"
+        perplexity = f"{r.ppl_eval:.1f} ({r.ppl_eval_low:.1f}-{r.ppl_eval_high:.1f})"
+        rows.append([r.method, sp, sb, f"{r.realised_slice:.3f}", f"{r.params:,}", accuracy, perplexity])
+    header = "method | SP | SB | realised slice | parameters | average accuracy | perplexity (95% interval)"
     return (
-        "\n".join(lines)
-        + "\n\nDynamic minus constant slicing at the same parameter count (paired):\n\n"
+        f"{intro}\n\n{markdown_table(header, rows)}"
+        + "\nDynamic minus constant slicing at the same parameter count (paired):\n\n"
         + comparison_statements(comparisons, model_label(settings.model))
     )
 

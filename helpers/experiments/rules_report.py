@@ -27,7 +27,7 @@ from helpers.experiments.readings import read_rules_table, read_sb_selection
 from helpers.experiments.reproduce import Lab, Settings, cell_result, flatten, sweep, write_table
 from helpers.experiments.results import CellCache, Manifest
 from helpers.infra.integrity import code_fingerprint
-from helpers.infra.storage import write_text_atomic
+from helpers.infra.storage import markdown_table, write_text_atomic
 from helpers.models.loading import model_label
 from helpers.ui import plots
 
@@ -140,20 +140,25 @@ def rules_table(cells: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
 def readme_table(table: pd.DataFrame, model: str) -> str:
     """The README's compact rules table for `model` (named exactly): perplexity with its interval, accuracy +/- SE,
     the four verdicts."""
-    lines = [
-        f"{model}; paired 95% bootstrap verdicts (perplexity: lower is better).",
-        "",
-        "| rule | SP | parameters | perplexity (95% interval) | average accuracy | ppl vs constant | ppl vs LR "
-        "| accuracy vs constant | accuracy vs LR |",
-        "|---|---|---|---|---|---|---|---|---|",
+    rows = [
+        [
+            r.rule,
+            f"{r.sp:.2f}",
+            f"{r.params:,}",
+            f"{r.perplexity:.1f} ({r.ppl_low:.1f}-{r.ppl_high:.1f})",
+            f"{r.average:.3f} +/- {r.average_se:.3f}",
+            r.ppl_verdict_vs_constant,
+            r.ppl_verdict_vs_lr,
+            r.acc_verdict_vs_constant,
+            r.acc_verdict_vs_lr,
+        ]
+        for r in table.itertuples()
     ]
-    for r in table.itertuples():
-        lines.append(
-            f"| {r.rule} | {r.sp:.2f} | {r.params:,} | {r.perplexity:.1f} ({r.ppl_low:.1f}-{r.ppl_high:.1f}) | "
-            f"{r.average:.3f} +/- {r.average_se:.3f} | {r.ppl_verdict_vs_constant} | {r.ppl_verdict_vs_lr} | "
-            f"{r.acc_verdict_vs_constant} | {r.acc_verdict_vs_lr} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = (
+        "rule | SP | parameters | perplexity (95% interval) | average accuracy | ppl vs constant | ppl vs LR "
+        "| accuracy vs constant | accuracy vs LR"
+    )
+    return f"{model}; paired 95% bootstrap verdicts (perplexity: lower is better).\n\n" + markdown_table(header, rows)
 
 
 def correlations(scores: dict[float, pd.DataFrame]) -> pd.DataFrame:

@@ -162,6 +162,13 @@ def write_csv_atomic(table, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def markdown_table(header: str, rows: list[list[Any]]) -> str:
+    """A Markdown table from a header "a | b | c", its separator, and one line per row (cells through str())."""
+    lines = [f"| {header} |", "|" + "---|" * len(header.split(" | "))]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(table, stem: str | os.PathLike, digits: int = 3) -> list[Path]:
     """Write a DataFrame as `stem`.csv and as a Markdown table `stem`.md (fixed precision), both atomically."""
     stem = Path(stem)
