@@ -302,7 +302,7 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
         type=final_dim,
         default=None,
         help='also slice the last residual to this width ("last": the last layer\'s): the head reads its top '
-        "principal directions, and generation gets faster (README, speed section)",
+        "principal directions, and generation gets faster (docs/speed.md)",
     )
     _out_args(p, "sliced", "folder to write the sliced model to", required=True)
 

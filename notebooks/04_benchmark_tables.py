@@ -209,7 +209,7 @@ flop_table(flop_models, 512).round(3)
 # random inputs, interleaved rounds after a warm-up) and `product_summary` sets their time ratio
 # beside their FLOP ratio. Look for the time ratio falling short of the FLOP ratio: narrower
 # matrices often run fewer FLOPs per second, and a prefill gains less than its products do. (At
-# full size on the CPU the README's speed section names, float32 products of the 30%-sliced layers
+# full size on the CPU that docs/speed.md names, float32 products of the 30%-sliced layers
 # ran 5-13% slower per FLOP than dense's, and the float32 prefill reached 1.25x in only one run of
 # seven.) In generation the V x d head, which slicing leaves whole, is the largest single
 # product; slicing it too (`final_dim`, docs/method.md section 3) is what carries batch-16

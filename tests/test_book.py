@@ -12,7 +12,7 @@ from helpers.infra.storage import FIGURES_DIR, atomic_path
 from helpers.ui.book import build, gallery_page, lesson_paths, results_page
 
 LESSONS = [path.stem for path in lesson_paths()]
-REFERENCE_PAGES = ["index", "method", "results", "gallery"]
+REFERENCE_PAGES = ["index", "method", "speed", "results", "gallery"]
 
 
 def test_gallery_lists_every_figure_with_its_manifest_entry(tmp_path):

@@ -19,7 +19,7 @@ from helpers.models.loading import model_label
 
 BOOK_DIR = REPO_ROOT / "book"  # committed sources: _config.yml, _toc.yml, index.md
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-METHOD_PAGE = REPO_ROOT / "docs" / "method.md"
+DOCS_DIR = REPO_ROOT / "docs"  # method.md and speed.md, staged as reference pages
 DEFAULT_OUT = REPO_ROOT / "_build" / "book"
 MODES = {
     "fast": "fast mode (`HELPERS_FAST=1`): every size shrunk so that it runs in minutes; numbers are noisy",
@@ -151,20 +151,9 @@ def results_page(figures: Path, mode: str) -> str:
     return "\n".join(lines)
 
 
-def method_page(mode: str) -> str:
-    """The method page: docs/method.md when it exists, else a pointer to where it will be."""
-    if METHOD_PAGE.exists():
-        return METHOD_PAGE.read_text() + "\n" + mode_banner(mode) + "\n"
-    return "\n".join(
-        [
-            "# Method",
-            "",
-            "The method page (`docs/method.md` in the repository) is not written yet; until then the",
-            "formulas are stated where they are used, in lessons 01 to 03.",
-            "",
-            mode_banner(mode),
-        ]
-    )
+def docs_page(name: str, mode: str) -> str:
+    """A reference page from docs/`name`.md, with the line saying which mode built the book."""
+    return (DOCS_DIR / f"{name}.md").read_text() + "\n" + mode_banner(mode) + "\n"
 
 
 def stage(src: Path, mode: str, figures: Path = FIGURES_DIR) -> BuildReport:
@@ -177,7 +166,8 @@ def stage(src: Path, mode: str, figures: Path = FIGURES_DIR) -> BuildReport:
     shutil.copytree(figures, src / "figures", dirs_exist_ok=True)
     (src / "gallery.md").write_text(gallery_page(figures, mode))
     (src / "results.md").write_text(results_page(figures, mode))
-    (src / "method.md").write_text(method_page(mode))
+    for name in ("method", "speed"):
+        (src / f"{name}.md").write_text(docs_page(name, mode))
     report = BuildReport(html=src.parent / "_build" / "html")
     scratch = src.parent / "lesson_figures"  # the lessons read the committed tables and write here, not figures/
     shutil.copytree(figures, scratch, dirs_exist_ok=True)
