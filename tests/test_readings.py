@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from helpers.experiments.readings import (
     read_results_table,
 )
 from helpers.experiments.sweeps import constant_vs_dynamic
+from helpers.infra.storage import markdown_table
 from helpers.infra.textdata import split_windows
 from helpers.ui.widgets import lr_file_label
 
@@ -145,3 +147,13 @@ def test_depth_comparison_reading_quotes_each_paired_verdict():
     assert "- dynamic slicing:" not in text and "- dense:" not in text
     bare = read_depth_comparison(table[["method", "removed_pct", "perplexity", "avg_acc"]])
     assert "no paired intervals" in bare and "LLM-Streamline's (67.6)" in bare
+
+
+def test_markdown_table_reads_back_as_the_cells_it_was_given():
+    rows = [["dense", "1,000", 0.5], ["constant SP=0.3", "800", "117.2 (98.1-140.0)"]]
+    text = markdown_table("model | parameters | perplexity (95% interval)", rows)
+    lines = text.splitlines()
+    assert lines[1] == "|---|---|---|" and text.endswith("\n")
+    parsed = pd.read_csv(StringIO("\n".join([lines[0], *lines[2:]])), sep="|", dtype=str).iloc[:, 1:-1]
+    assert [c.strip() for c in parsed.columns] == ["model", "parameters", "perplexity (95% interval)"]
+    assert parsed.map(str.strip).values.tolist() == [[str(c) for c in row] for row in rows]
