@@ -22,15 +22,19 @@ def test_gallery_lists_every_figure_with_its_manifest_entry(tmp_path):
                 "files": {
                     "a.png": {"step": "figure1", "written": "today", "machine": "CPU A", "params": {"sp": 0.3}},
                     "c.png": {"step": "figure2", "written": "earlier", "params": {}},
+                    "d.png": {"step": "figure3", "written": "now", "machine": "CPU B", "cells_machines": ["CPU A"]},
+                    "e.png": {"step": "figure4", "written": "now", "machine": "CPU B", "cells_machines": ["CPU B"]},
                 }
             }
         )
     )
-    for name in ("a.png", "b.png", "c.png"):
+    for name in ("a.png", "b.png", "c.png", "d.png", "e.png"):
         (tmp_path / name).write_bytes(b"")
     page = gallery_page(tmp_path, "fast")
     assert "![a](figures/a.png)" in page and "Step `figure1`, written today on CPU A: sp = 0.3." in page
     assert "Step `figure2`, written earlier." in page  # no machine (written before they were recorded), no params
+    assert "Step `figure3`, written now on CPU B from cells computed on CPU A." in page
+    assert "Step `figure4`, written now on CPU B." in page  # its cells were computed where it was written
     assert "![b](figures/b.png)" in page and "Not in the manifest" in page and "Built in fast mode" in page
 
 

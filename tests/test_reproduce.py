@@ -13,8 +13,10 @@ import pytest
 
 from helpers.experiments import reproduce
 from helpers.experiments.reproduce import SIZES, best_dynamic, flatten, results_table
+from helpers.experiments.results import NOT_RECORDED
 from helpers.experiments.rules_report import run_rules
 from helpers.experiments.sb_selection import SELECTION_RULES
+from helpers.infra.integrity import machine_name
 from helpers.models.loading import model_label
 
 
@@ -109,6 +111,9 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
     ):
         assert (tmp_path / name).stat().st_size > 100, name
     assert manifest["versions"]["torch"] and manifest["files"]["results_table.csv"]["params"]["limit"] == settings.limit
+    for name in ("results_table.csv", "figure1_allocation.png", "speed_table.md"):  # cells computed here or cached
+        assert set(manifest["files"][name]["cells_machines"]) <= {machine_name(), NOT_RECORDED}, name
+        assert manifest["files"][name]["cells_machines"] and manifest["files"][name]["machine"] == machine_name()
 
     results = pd.read_csv(tmp_path / "results_table.csv")
     assert results["method"].tolist() == ["dense", "constant", "dynamic"]

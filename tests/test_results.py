@@ -65,6 +65,36 @@ def test_manifest_names_the_machine_each_file_was_made_on(tmp_path, monkeypatch)
     assert files["a.csv"]["machine"] == "CPU A" and files["b.csv"]["machine"] == "CPU B + GPU"
 
 
+def test_a_file_built_from_cached_cells_names_the_machines_that_computed_them(tmp_path, monkeypatch):
+    import helpers.experiments.results as results
+
+    monkeypatch.setattr(CellCache, "served", {})
+    cache = CellCache("cells", root=tmp_path / "cache")
+    monkeypatch.setattr(results, "machine_name", lambda: "CPU A")
+    cache.get_or_compute({"sp": 0.3}, lambda: {"ppl": 1.0})  # computed on A
+    stored = json.loads(cache.path({"sp": 0.3}).read_text())
+    assert stored["machine"] == "CPU A"
+    old = cache.path({"sp": 0.4})  # an entry cached before cells stored their machine
+    old.write_text(json.dumps({"params": {"sp": 0.4}, "result": {"ppl": 2.0}}))
+
+    monkeypatch.setattr(CellCache, "served", {})  # a later run, elsewhere, that reads both from the cache
+    monkeypatch.setattr(results, "machine_name", lambda: "CPU B")
+    manifest = Manifest(tmp_path, model="m", seed=0)
+    assert cache.get_or_compute({"sp": 0.3}, lambda: pytest.fail("recomputed")) == {"ppl": 1.0}
+    assert cache.get({"sp": 0.4}) == {"ppl": 2.0}
+    cache.get_or_compute({"sp": 0.5}, lambda: {"ppl": 3.0})  # computed here, on B
+    table, figure, plain = tmp_path / "t.csv", tmp_path / "f.png", tmp_path / "p.md"
+    for path in (table, figure, plain):
+        path.write_text("x")
+    manifest.record(table, "table", cells=("cells",))
+    manifest.record(figure, "figure", cells=("other",))  # a cache that served nothing
+    manifest.record(plain, "text")
+    files = json.loads((tmp_path / "manifest.json").read_text())["files"]
+    assert files["t.csv"]["machine"] == "CPU B"
+    assert files["t.csv"]["cells_machines"] == ["CPU A", "CPU B", results.NOT_RECORDED]
+    assert "cells_machines" not in files["f.png"] and "cells_machines" not in files["p.md"]
+
+
 def test_cache_key_changes_when_the_computing_function_changes(tmp_path, monkeypatch):
     import importlib
     import sys

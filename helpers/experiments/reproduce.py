@@ -398,10 +398,13 @@ def comparison_statements(table: pd.DataFrame, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: pd.DataFrame, stem: Path, manifest: Manifest, step: str, **params) -> list[Path]:
-    """`storage.write_table` (without the per-question `raw` column), then both files recorded in the manifest."""
+def write_table(
+    table: pd.DataFrame, stem: Path, manifest: Manifest, step: str, cells: tuple[str, ...] = ("sweep",), **params
+) -> list[Path]:
+    """`storage.write_table` (without the per-question `raw` column), then both files recorded in the manifest
+    as built from the cells of the `cells` caches."""
     files = storage.write_table(table.drop(columns=["raw"], errors="ignore"), stem)
-    manifest.record(files, step, **params)
+    manifest.record(files, step, cells=cells, **params)
     return files
 
 
@@ -443,7 +446,7 @@ def write_comparisons(
     write_table(table, out / "comparisons", manifest, "comparisons", **settings.cell_params())
     summary = results_summary(results, table, settings, bos=bos_id(lab.tokenizer) is not None)
     text = write_text_atomic(out / "results_summary.md", summary)
-    manifest.record(text, "results_summary", **settings.cell_params())
+    manifest.record(text, "results_summary", cells=("sweep",), **settings.cell_params())
     return table
 
 
@@ -504,8 +507,8 @@ def write_speed_report(summary: pd.DataFrame, settings: Settings, out: Path, man
     )
     text = header + speed.speed_markdown(summary) + "\n" + read_speed_table(summary) + "\n"
     params = {"prompt": settings.speed_prompt, "new_tokens": settings.speed_new_tokens, **settings.cell_params()}
-    manifest.record(storage.write_csv_atomic(summary, out / "speed_table.csv"), "speed", **params)
-    manifest.record(write_text_atomic(out / "speed_table.md", text), "speed", **params)
+    manifest.record(storage.write_csv_atomic(summary, out / "speed_table.csv"), "speed", cells=("speed",), **params)
+    manifest.record(write_text_atomic(out / "speed_table.md", text), "speed", cells=("speed",), **params)
 
 
 def figures(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> None:
@@ -517,15 +520,17 @@ def figures(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> Non
     fig = plots.plot_allocation(
         lab.allocation(lab.sliced_sp(sp0, sb0), sb0), title=f"{s.model}: SP={sp0}, SB={sb0} (best by perplexity)"
     )
-    manifest.record(plots.save_figure(fig, out / "figure1_allocation"), "figure1", sp=sp0, sb=sb0, **s.cell_params())
+    files = plots.save_figure(fig, out / "figure1_allocation")
+    manifest.record(files, "figure1", cells=("sweep",), sp=sp0, sb=sb0, **s.cell_params())
     limits = plots.accuracy_limits(cells, list(s.tasks))
     dense = cells[cells["method"] == "dense"].iloc[0]
     for index, sp in enumerate(s.sps, start=2):
         fig = plots.plot_accuracy_vs_sb(cells[cells["sp"] == sp], list(s.tasks), sp, dense, limits)
         files = plots.save_figure(fig, out / f"figure{index}_accuracy_vs_sb_sp{round(sp * 100)}")
-        manifest.record(files, "accuracy_vs_sb", sp=sp, **s.cell_params())
+        manifest.record(files, "accuracy_vs_sb", cells=("sweep",), sp=sp, **s.cell_params())
     fig = plots.plot_perplexity_comparison(cells, best.reset_index())
-    manifest.record(plots.save_figure(fig, out / "perplexity_comparison"), "perplexity_comparison", **s.cell_params())
+    files = plots.save_figure(fig, out / "perplexity_comparison")
+    manifest.record(files, "perplexity_comparison", cells=("sweep",), **s.cell_params())
 
 
 def depth_comparison(settings: Settings, sb: float, out: Path, manifest: Manifest, progress: bool) -> pd.DataFrame:
@@ -548,9 +553,10 @@ def depth_comparison(settings: Settings, sb: float, out: Path, manifest: Manifes
     )
     table, _ = compare(compare_settings, progress=progress)
     params = dataclasses.asdict(compare_settings)
-    manifest.record(storage.write_table(table, out / "depth_comparison"), "depth_comparison", **params)
-    text = f"{summary_table(table)}\n{read_depth_comparison(table)}\n"
-    manifest.record(write_text_atomic(out / "depth_summary.md", text), "depth_summary", **params)
+    files = storage.write_table(table, out / "depth_comparison")
+    manifest.record(files, "depth_comparison", cells=("depth_compare",), **params)
+    summary = write_text_atomic(out / "depth_summary.md", f"{summary_table(table)}\n{read_depth_comparison(table)}\n")
+    manifest.record(summary, "depth_summary", cells=("depth_compare",), **params)
     return table
 
 

@@ -187,12 +187,14 @@ def write_rules(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest: Manife
         "correlations": correlations(scores),
         "sb_selection": sb_selection_table(sweep_cells, s),
     }
-    write_table(tables["rules"], out / "allocation_rules", manifest, "allocation_rules", **params)
-    write_table(tables["correlations"], out / "rule_correlations", manifest, "rule_correlations", **params)
+    both = ("rules", "sweep")  # the rules' own cells, and the sweep's where a rule allocates as constant or LR
+    write_table(tables["rules"], out / "allocation_rules", manifest, "allocation_rules", cells=both, **params)
+    correlations_stem = out / "rule_correlations"
+    write_table(tables["correlations"], correlations_stem, manifest, "rule_correlations", cells=("rules",), **params)
     write_table(tables["sb_selection"], out / "sb_selection", manifest, "sb_selection", **params)
     title = f"{model_label(s.model)}\nper-layer scores at SP {s.rules_sps[0]}"
     fig = plots.plot_rule_scores(scores[s.rules_sps[0]], title)
-    manifest.record(plots.save_figure(fig, out / "allocation_rules_scores"), "rule_scores", **params)
+    manifest.record(plots.save_figure(fig, out / "allocation_rules_scores"), "rule_scores", cells=("rules",), **params)
     text = "\n\n".join(
         [
             readme_table(tables["rules"], model_label(s.model)),
@@ -200,7 +202,8 @@ def write_rules(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest: Manife
             read_sb_selection(tables["sb_selection"]),
         ]
     )
-    manifest.record(write_text_atomic(out / "allocation_rules_summary.md", text + "\n"), "rules_summary", **params)
+    summary = write_text_atomic(out / "allocation_rules_summary.md", text + "\n")
+    manifest.record(summary, "rules_summary", cells=both, **params)
     return tables
 
 
@@ -212,7 +215,8 @@ def write_sb_selection(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest:
     write_table(table, out / "sb_selection", manifest, "sb_selection", **params)
     head = f"{model_label(s.model)}; candidate SBs from SP down to 0 in steps of {s.sb_step:g}, SPs "
     text = head + ", ".join(f"{sp:g}" for sp in s.sps) + ".\n\n" + read_sb_selection(table) + "\n"
-    manifest.record(write_text_atomic(out / "sb_selection_summary.md", text), "sb_selection_summary", **params)
+    summary = write_text_atomic(out / "sb_selection_summary.md", text)
+    manifest.record(summary, "sb_selection_summary", cells=("sweep",), **params)
     return table
 
 

@@ -94,6 +94,9 @@ def _figure_sections(folder: Path, link: str, level: str) -> list[str]:
         if entry:
             params = ", ".join(f"{k} = {v}" for k, v in sorted(entry.get("params", {}).items()))
             machine = f" on {entry['machine']}" if "machine" in entry else ""  # older entries do not name it
+            cells = entry.get("cells_machines", [])
+            if cells and cells != [entry.get("machine")]:  # built from cached cells computed elsewhere (or earlier)
+                machine += f" from cells computed on {', '.join(cells)}"
             settings = f": {params}" if params else ""  # a step without parameters says none
             lines += [f"Step `{entry.get('step')}`, written {entry.get('written')}{machine}{settings}.", ""]
         else:
