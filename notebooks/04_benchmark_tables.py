@@ -211,7 +211,8 @@ flop_table(flop_models, 512).round(3)
 # matrices often run fewer FLOPs per second, and a prefill gains less than its products do. (At
 # full size on the CPU that docs/speed.md names, float32 products of the 30%-sliced layers
 # ran 5-13% slower per FLOP than dense's, and the float32 prefill reached 1.25x in only one run of
-# seven.) In generation the V x d head, which slicing leaves whole, is the largest single
+# seven; at SP 0.35 and 0.40, whose products are 368 and 344 wide, they ran within 1-4% of dense's
+# rate and the prefill passed 1.25x.) In generation the V x d head, which slicing leaves whole, is the largest single
 # product; slicing it too (`final_dim`, docs/method.md section 3) is what carries batch-16
 # generation past the ceiling above.
 
@@ -233,6 +234,9 @@ display(Markdown(product_markdown(product_summary(product_rates(flop_models, row
 #    well below 1 / 0.7, and why is the one for generation lower still?
 # 7. The layer products of a sliced model do 1.27x fewer FLOPs than dense's yet may run only 1.2x
 #    faster. What does that say about the FLOP ceiling, and which of the two would you quote?
+# 8. On one CPU the products of 400-wide layers (SP 0.30) ran 5-13% slower per FLOP than dense's,
+#    while 368- and 344-wide ones (SP 0.35 and 0.40) ran within 1-4%. Before choosing an SP for the
+#    speed it gives, what would you measure, on which machine, and what would you weigh it against?
 #
 # ## Exercises
 #
