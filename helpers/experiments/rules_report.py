@@ -189,8 +189,9 @@ def write_rules(lab: Lab, sweep_cells: pd.DataFrame, out: Path, manifest: Manife
     }
     both = ("rules", "sweep")  # the rules' own cells, and the sweep's where a rule allocates as constant or LR
     write_table(tables["rules"], out / "allocation_rules", manifest, "allocation_rules", cells=both, **params)
-    correlations_stem = out / "rule_correlations"
-    write_table(tables["correlations"], correlations_stem, manifest, "rule_correlations", cells=("rules",), **params)
+    write_table(
+        tables["correlations"], out / "rule_correlations", manifest, "rule_correlations", cells=("rules",), **params
+    )
     write_table(tables["sb_selection"], out / "sb_selection", manifest, "sb_selection", **params)
     title = f"{model_label(s.model)}\nper-layer scores at SP {s.rules_sps[0]}"
     fig = plots.plot_rule_scores(scores[s.rules_sps[0]], title)

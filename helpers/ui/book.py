@@ -19,7 +19,8 @@ from helpers.models.loading import model_label
 
 BOOK_DIR = REPO_ROOT / "book"  # committed sources: _config.yml, _toc.yml, index.md
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-DOCS_DIR = REPO_ROOT / "docs"  # method.md and speed.md, staged as reference pages
+DOCS_DIR = REPO_ROOT / "docs"
+DOCS_PAGES = ("method", "speed")  # docs/<name>.md, staged as reference pages (listed in book/_toc.yml)
 DEFAULT_OUT = REPO_ROOT / "_build" / "book"
 MODES = {
     "fast": "fast mode (`HELPERS_FAST=1`): every size shrunk so that it runs in minutes; numbers are noisy",
@@ -169,7 +170,7 @@ def stage(src: Path, mode: str, figures: Path = FIGURES_DIR) -> BuildReport:
     shutil.copytree(figures, src / "figures", dirs_exist_ok=True)
     (src / "gallery.md").write_text(gallery_page(figures, mode))
     (src / "results.md").write_text(results_page(figures, mode))
-    for name in ("method", "speed"):
+    for name in DOCS_PAGES:
         (src / f"{name}.md").write_text(docs_page(name, mode))
     report = BuildReport(html=src.parent / "_build" / "html")
     scratch = src.parent / "lesson_figures"  # the lessons read the committed tables and write here, not figures/
