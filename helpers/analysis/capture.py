@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from helpers.models.adapters import get_adapter
+from helpers.models.hooks import forward_hooks, layer_input, layer_output
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -31,34 +32,21 @@ class LayerStatistic:
         raise NotImplementedError
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _output(output: torch.Tensor | tuple) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 @contextlib.contextmanager
 def layer_hooks(model: nn.Module, callback: LayerCallback) -> Iterator[None]:
     """While active, every forward of decoder layer i calls `callback(i, x_in, x_out)` with raw tensors."""
     inputs: dict[int, torch.Tensor] = {}
-    handles = []
-    for index, layer in enumerate(get_adapter(model).layers(model)):
 
-        def pre_hook(_module, args, kwargs, index=index):
-            inputs[index] = _hidden(args, kwargs)
+    def pre(index: int, args: tuple, kwargs: dict) -> None:
+        inputs[index] = layer_input(args, kwargs)
 
-        def post_hook(_module, _args, _kwargs, output, index=index):
-            callback(index, inputs.pop(index), _output(output))
+    def post(index: int, _args: tuple, _kwargs: dict, output: torch.Tensor | tuple) -> None:
+        callback(index, inputs.pop(index), layer_output(output))
 
-        handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(layer.register_forward_hook(post_hook, with_kwargs=True))
     try:
-        yield
+        with forward_hooks(get_adapter(model).layers(model), pre=pre, post=post):
+            yield
     finally:
-        for handle in handles:
-            handle.remove()
         inputs.clear()
 
 

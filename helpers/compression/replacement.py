@@ -28,6 +28,7 @@ from helpers.compression.depth import remove_layers, renumber_layers
 from helpers.infra.integrity import discard, tensor_fingerprint
 from helpers.infra.storage import CACHE_DIR, atomic_path, cache_key
 from helpers.models.adapters import get_adapter
+from helpers.models.hooks import layer_output
 from helpers.models.pruned_layers import ReplacementBlock, build_replacement
 
 KINDS = ("ffn", "swiglu", "layer")
@@ -123,7 +124,7 @@ class _LayerRunner(nn.Module):
         )
         rotary = self.adapter.position_embeddings(self.backbone[0], self.layer, x, positions)
         out = self.layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
-        return out[0] if isinstance(out, tuple) else out
+        return layer_output(out)
 
 
 def _mse(module: nn.Module, folder: Path, device: torch.device) -> float:

@@ -57,6 +57,7 @@ from helpers.infra.integrity import (
 from helpers.infra.memory import release_freed_memory
 from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
+from helpers.models.hooks import forward_hooks, layer_input
 from helpers.models.loading import pick_device
 from helpers.models.shareable import sliced_spec, write_shareable
 from helpers.models.sliced_layers import (
@@ -257,19 +258,12 @@ def _record_layer_kwargs(model: nn.Module, input_ids: torch.Tensor) -> list[dict
     """Run one window and keep each layer's keyword arguments (mask, rotary embeddings, positions)."""
     adapter = get_adapter(model)
     recorded: list[dict] = [{} for _ in adapter.layers(model)]
-    handles = []
-    for index, layer in enumerate(adapter.layers(model)):
 
-        def hook(_module, _args, kwargs, index=index):
-            recorded[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    def hook(index: int, _args: tuple, kwargs: dict) -> None:
+        recorded[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
 
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            adapter.backbone(model)(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(adapter.layers(model), pre=hook), torch.no_grad():
+        adapter.backbone(model)(input_ids=input_ids, use_cache=False)
     return recorded
 
 
@@ -277,18 +271,14 @@ def _first_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor], input
     """Append to `inputs` what the first decoder layer receives (scaled embeddings plus any learned positions)."""
     adapter = get_adapter(model)
 
-    def hook(_module, args, kwargs):
-        inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+    def hook(_index: int, args: tuple, kwargs: dict) -> None:
+        inputs.append(layer_input(args, kwargs).detach())
         raise _StopForward
 
-    handle = adapter.layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                with contextlib.suppress(_StopForward):
-                    adapter.backbone(model)(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
+    with forward_hooks(adapter.layers(model)[:1], pre=hook), torch.no_grad():
+        for ids in batches:
+            with contextlib.suppress(_StopForward):
+                adapter.backbone(model)(input_ids=ids, use_cache=False)
 
 
 def check_dims(dims: Sequence[int], n_layers: int, hidden_size: int) -> list[int]:

@@ -27,6 +27,7 @@ from helpers.analysis.capture import LayerStatistic, stream_statistics
 from helpers.compression.slicing import DAMPING, rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.models.adapters import get_adapter
+from helpers.models.hooks import forward_hooks, layer_input, with_layer_input
 
 GRADIENT_WINDOWS = 8  # calibration windows the gradient pass sees (drawn with the seed)
 MEASURE_WINDOWS = 4  # held-out windows each single-layer perplexity is measured on
@@ -71,16 +72,6 @@ def spectral_scores(spectra: dict[str, np.ndarray], keep: int, n_layers: int) ->
     return scores
 
 
-def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def pick_windows(input_ids: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """`n` windows drawn without replacement with `seed` (all of them when there are no more than `n`)."""
     if input_ids.shape[0] <= n:
@@ -93,24 +84,17 @@ def _window_gradients(model: nn.Module, window: torch.Tensor) -> list[torch.Tens
     """Every layer's input for one window, with dL/dx in `.grad` (L: mean next-token NLL)."""
     layers = get_adapter(model).layers(model)
     states: list[torch.Tensor] = [torch.empty(0)] * len(layers)
-    handles = []
-    for index, layer in enumerate(layers):
 
-        def hook(_module, args, kwargs, index=index):
-            hidden = _hidden(args, kwargs)
-            if index == 0:  # a leaf, so that every later layer's input carries a gradient
-                hidden = hidden.detach().requires_grad_(True)
-            hidden.retain_grad()
-            states[index] = hidden
-            return _replace_hidden(args, kwargs, hidden)
+    def hook(index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = layer_input(args, kwargs)
+        if index == 0:  # a leaf, so that every later layer's input carries a gradient
+            hidden = hidden.detach().requires_grad_(True)
+        hidden.retain_grad()
+        states[index] = hidden
+        return with_layer_input(args, kwargs, hidden)
 
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.enable_grad():
-            model(input_ids=window, labels=window, use_cache=False).loss.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(layers, pre=hook), torch.enable_grad():
+        model(input_ids=window, labels=window, use_cache=False).loss.backward()
     return states
 
 
@@ -140,15 +124,12 @@ def projected_input(model: nn.Module, layer: int, basis: torch.Tensor) -> Iterat
     """While active, layer `layer` sees its input projected onto the columns of `basis` (x U U^T)."""
     u = basis.float()
 
-    def hook(_module, args, kwargs):
-        hidden = _hidden(args, kwargs)
-        return _replace_hidden(args, kwargs, ((hidden.float() @ u) @ u.T).to(hidden.dtype))
+    def hook(_index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = layer_input(args, kwargs)
+        return with_layer_input(args, kwargs, ((hidden.float() @ u) @ u.T).to(hidden.dtype))
 
-    handle = get_adapter(model).layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with forward_hooks(get_adapter(model).layers(model)[layer : layer + 1], pre=hook):
         yield
-    finally:
-        handle.remove()
 
 
 def measured_sensitivity(
