@@ -238,7 +238,7 @@ else:
 #    `python -m helpers rules --sb-only --sb-step 0.05 --sps 0.3 0.4 --out data/runs/sb_fine` and read
 #    `data/runs/sb_fine/sb_selection_summary.md`. Does the paper's rule still find the best SB as often?
 #    With six to eight candidates a rule can miss by a little or by a lot: compare the regret columns
-#    with the two-candidate table above (the README quotes both runs).
+#    with the two-candidate table above (docs/findings.md quotes both runs).
 #
 # 3. **Fisher instead of Taylor.** Replace the absolute first-order term by the Fisher estimate
 #    $\tfrac12 \sum_t (g_t \cdot \Delta x_t)^2$ and compare its layer ranking with the gradient

@@ -1,6 +1,6 @@
 """Dense vs constant vs dynamic slicing of one model at several SP: parameters from the ledger, perplexity.
 
-    python scripts/family_table.py --model gemma3-270m            # the README's Gemma-3-270m table
+    python scripts/family_table.py --model gemma3-270m            # the Gemma-3-270m table of docs/gemma3.md
     python scripts/family_table.py --model gemma3-270m --quick    # smoke run
 
 Dynamic slicing uses LR on the calibration windows and one fixed SB for every SP (no SB sweep:

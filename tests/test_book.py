@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
 
 from helpers.infra.storage import FIGURES_DIR, atomic_path
-from helpers.ui.book import build, gallery_page, lesson_paths, results_page
+from helpers.ui.book import BOOK_DIR, DOCS_DIR, DOCS_PAGES, build, gallery_page, lesson_paths, results_page
 
 LESSONS = [path.stem for path in lesson_paths()]
-REFERENCE_PAGES = ["index", "method", "speed", "results", "gallery"]
+REFERENCE_PAGES = ["index", *DOCS_PAGES, "results", "gallery"]
 
 
 def test_gallery_lists_every_figure_with_its_manifest_entry(tmp_path):
@@ -111,3 +112,11 @@ def test_book_in_chromium(book, chromium_options):
                 page.screenshot(path=str(tmp), full_page=False)
         finally:
             browser.close()
+
+
+def test_every_docs_page_is_in_the_book():
+    """A page added to docs/ is staged (DOCS_PAGES) and listed in the table of contents, or this fails."""
+    pages = sorted(path.stem for path in DOCS_DIR.glob("*.md"))
+    toc = re.findall(r"^\s*- file: (\S+)\s*$", (BOOK_DIR / "_toc.yml").read_text(), flags=re.M)
+    assert sorted(DOCS_PAGES) == pages
+    assert set(pages) <= set(toc)

@@ -20,7 +20,7 @@ from helpers.models.loading import model_label
 BOOK_DIR = REPO_ROOT / "book"  # committed sources: _config.yml, _toc.yml, index.md
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 DOCS_DIR = REPO_ROOT / "docs"
-DOCS_PAGES = ("method", "speed")  # docs/<name>.md, staged as reference pages (listed in book/_toc.yml)
+DOCS_PAGES = ("method", "findings", "speed", "validation", "reliability", "gemma3")  # docs/<name>.md, in book/_toc.yml
 DEFAULT_OUT = REPO_ROOT / "_build" / "book"
 MODES = {
     "fast": "fast mode (`HELPERS_FAST=1`): every size shrunk so that it runs in minutes; numbers are noisy",
@@ -101,7 +101,7 @@ def _figure_sections(folder: Path, link: str, level: str) -> list[str]:
             settings = f": {params}" if params else ""  # a step without parameters says none
             lines += [f"Step `{entry.get('step')}`, written {entry.get('written')}{machine}{settings}.", ""]
         else:
-            lines += ["Not in the manifest (written by a test or a benchmark script, see the README).", ""]
+            lines += ["Not in the manifest (written by a browser test, not by `reproduce`).", ""]
     return lines
 
 
