@@ -20,6 +20,7 @@ from helpers.compression.allocation import (
     slice_fractions,
     sliced_param_count,
 )
+from helpers.models.adapters import get_adapter, supported_model_types
 from helpers.models.loading import tiny_model
 
 scores = arrays(
@@ -137,14 +138,18 @@ def test_bad_rounding_arguments_raise():
         slice_fractions(np.array([0.0, 2.0]), 0.3, 0.1)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", supported_model_types())
 @pytest.mark.parametrize("tied", [False, True])
 def test_dense_count_matches_real_model(family, tied):
     model = tiny_model(family, tie_word_embeddings=tied)
     shape = ModelShape.from_config(model.config)
     real = sum(p.numel() for p in model.parameters())  # tied tables are counted once by parameters()
     assert dense_param_count(shape)["total"] == real
-    assert (shape.layer.attention_fixed > 0) == (family == "qwen2")  # q/k/v biases
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[0]
+    writer_bias = adapter.attention_output(layer).bias
+    vectors = [p for p in adapter.attention(layer).parameters() if p.ndim == 1 and p is not writer_bias]
+    assert shape.layer.attention_fixed == sum(p.numel() for p in vectors)  # reader biases, q/k norms
 
 
 def test_sliced_count_at_full_width_and_parts():

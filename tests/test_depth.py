@@ -15,9 +15,10 @@ from helpers.compression.checkpoints import load_model, load_pruned, save_pruned
 from helpers.compression.depth import parameter_count, remove_layers
 from helpers.compression.replacement import make_replacement, replacement_info, streamline, train_replacement
 from helpers.evaluation.stability import stability
+from helpers.models.adapters import get_adapter, supported_model_types
 from helpers.models.loading import tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2"]
+FAMILIES = supported_model_types()
 
 
 def _ids(n=3, seqlen=12, seed=0):
@@ -62,12 +63,13 @@ def test_remove_layers_keeps_a_working_model(family, tmp_path):
     before = _logits(model, ids)
     assert torch.equal(_logits(remove_layers(model, []), ids), before)
 
-    per_layer = parameter_count(model.model.layers[0])
+    adapter = get_adapter(model)
+    per_layer = parameter_count(adapter.layers(model)[0])
     total = parameter_count(model)
     remove_layers(model, [1, 3])
-    assert model.config.num_hidden_layers == len(model.model.layers) == 3
+    assert model.config.num_hidden_layers == len(adapter.layers(model)) == 3
     assert parameter_count(model) == total - 2 * per_layer
-    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    assert [adapter.attention(layer).layer_idx for layer in adapter.layers(model)] == [0, 1, 2]
     if getattr(model.config, "layer_types", None) is not None:
         assert len(model.config.layer_types) == 3
     # generation with the KV cache must match recomputation from scratch

@@ -13,6 +13,7 @@ import torch
 
 from helpers.analysis.capture import collect_hidden_states, layer_hooks
 from helpers.analysis.redundancy import layer_redundancy, lr_table, normalise, token_cosine
+from helpers.models.adapters import supported_model_types
 from helpers.models.loading import tiny_model
 
 
@@ -75,7 +76,7 @@ def test_padding_tokens_are_excluded():
     np.testing.assert_allclose(masked, (full * 16 + first_token) / 17, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", supported_model_types())
 def test_tiny_architectures_give_one_lr_per_layer(model_type):
     model = tiny_model(model_type, num_hidden_layers=5)
     table = layer_redundancy(model, torch.randint(0, 128, (3, 12)), batch_size=2, progress=False)

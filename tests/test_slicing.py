@@ -23,11 +23,11 @@ from helpers.compression.slicing import (
     slice_model,
     untie_sliced,
 )
-from helpers.models.adapters import UnsupportedArchitectureError
+from helpers.models.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types
 from helpers.models.loading import tiny_model
 from helpers.models.sliced_layers import PreNormSlicedLayer
 
-FAMILIES = ["llama", "mistral", "qwen2"]
+FAMILIES = supported_model_types()
 DYNAMIC = [48, 40, 56, 32]  # different kept dims per layer: rectangular shortcuts
 TOL = 1e-4
 
@@ -88,8 +88,14 @@ def test_folding_keeps_outputs(family):
     model = noisy_model(family)
     ids = calib(3)
     before = logits(model, ids)
+    adapter = get_adapter(model)
+    norms = [adapter.final_norm(model)]
+    for layer in adapter.layers(model):
+        norms += [adapter.input_norm(layer), adapter.post_attention_norm(layer)]
+    weights = [p for norm in norms for p in norm.parameters()]  # held, so that their ids stay theirs
     make_rotation_invariant(model)
-    assert not any("norm" in name and param.ndim == 1 for name, param in model.named_parameters())
+    kept = {id(p) for p in model.parameters()}
+    assert weights and not [p for p in weights if id(p) in kept]  # scales (and biases) folded into the linears
     assert (logits(model, ids) - before).abs().max() < TOL
 
 
@@ -103,8 +109,28 @@ def test_unsliced_rotation_keeps_outputs(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dynamic_shapes_and_rectangular_shortcuts(family):
+def test_dynamic_slicing_gives_the_closed_form_count_and_reloads(family, tmp_path):
+    """Any family: per-layer widths, rectangular MLP shortcuts, ledger parts equal to the closed-form count, reload."""
     model = noisy_model(family)
+    adapter, shape = get_adapter(model), allocation.ModelShape.from_config(model.config)
+    ids = calib()
+    rotate_and_slice(model, ids, DYNAMIC, progress=False)
+    for i, layer in enumerate(adapter.layers(model)):
+        d_out = DYNAMIC[i + 1] if i + 1 < len(DYNAMIC) else 64
+        assert isinstance(layer, adapter.sliced_layer_class)
+        assert layer.mlp_shortcut.weight.shape == (d_out, DYNAMIC[i])
+    real = ledger_totals(parameter_ledger(model))
+    expected = allocation.sliced_param_count(shape, np.array(DYNAMIC), tied=model.slicing_info.tied)
+    assert {part: real[part] for part in expected} == expected
+    out = logits(model, ids)
+    assert out.shape == (6, 32, 128) and torch.isfinite(out).all()
+    save_sliced(model, None, tmp_path / "sliced")
+    assert torch.equal(logits(load_sliced(tmp_path / "sliced")[0], ids), out)
+
+
+def test_dynamic_shapes_and_rectangular_shortcuts():
+    """The Llama layout by its module names (other families: tests/test_gemma3_tiny.py, tests/test_opt_tiny.py)."""
+    model = noisy_model("llama")
     ids = calib()
     rotate_and_slice(model, ids, DYNAMIC, progress=False)
     layers = model.model.layers

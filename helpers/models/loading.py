@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -205,8 +206,12 @@ def with_bos(model: nn.Module, tokenizer):
 
 
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
-    """A small randomly-initialised model of a given family, built from a config (no download)."""
+    """A small randomly-initialised model of a given family, built from a config (no download).
+
+    The family's adapter adds what its tiny configs need (`tiny_config`); `overrides` win over both.
+    """
     torch.manual_seed(seed)
+    family = get_adapter(SimpleNamespace(model_type=model_type)).tiny_config
     cfg = dict(
         vocab_size=128,
         hidden_size=64,
@@ -217,6 +222,7 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> PreTrai
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+    cfg.update(family)
     cfg.update(overrides)
     config = AutoConfig.for_model(model_type, **cfg)
     get_adapter(config)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -49,6 +51,7 @@ class ModelAdapter:
     head_weight_name: str = "lm_head.weight"  # the state-dict key of the head (absent when tied)
     centres_residual: bool = False  # LayerNorm families: the residual stream is made mean-free when folding
     sliced_layer_class: type[PreNormSlicedLayer] = PreNormSlicedLayer
+    tiny_config: Mapping[str, Any] = MappingProxyType({})  # config values a tiny test model of the family needs
 
     def backbone(self, model: nn.Module) -> nn.Module:
         """The transformer without the LM head (runs embeddings, layers, final norm)."""

@@ -17,6 +17,7 @@ embeddings. What differs from Llama, and how the lab handles it (docs/method.md 
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ class Gemma3Adapter(LlamaFamilyAdapter):
     model_types = ("gemma3_text",)
     prepend_bos = True
     sliced_layer_class = PostNormSlicedLayer
+    tiny_config = MappingProxyType({"head_dim": 16, "sliding_window": 8})  # a window shorter than test texts
 
     def embedding_scale(self, model: nn.Module) -> float:
         return float(model.config.hidden_size) ** 0.5

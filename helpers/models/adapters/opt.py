@@ -12,6 +12,7 @@ the token table; the final norm's bias becomes a bias of the (untied) head.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
@@ -40,6 +41,7 @@ class OPTAdapter(ModelAdapter):
     family = "opt"
     model_types = ("opt",)
     centres_residual = True
+    tiny_config = MappingProxyType({"ffn_dim": 96, "word_embed_proj_dim": 64})  # the lab needs projection dim == d
 
     def _check(self, config: Any) -> None:
         if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:
