@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from markdown_it import MarkdownIt
 
+from helpers import cli
 from helpers.infra.storage import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
@@ -83,3 +85,21 @@ def test_readme_links_every_docs_page():
     linked = {Path(urlparse(t).path) for t in link_targets(README.read_text())}
     pages = {path.relative_to(REPO_ROOT) for path in (REPO_ROOT / "docs").glob("*.md")}
     assert pages and not pages - linked, f"docs pages the README does not link: {sorted(map(str, pages - linked))}"
+
+
+def readme_commands(markdown: str) -> list[list[str]]:
+    """The `python -m helpers ...` lines of the README's shell blocks, split into arguments."""
+    lines = []
+    for token in MarkdownIt("commonmark").parse(markdown):
+        if token.type == "fence" and token.info.strip() == "bash":
+            lines += [shlex.split(line, comments=True) for line in token.content.splitlines()]
+    return [words[3:] for words in lines if words[:3] == ["python", "-m", "helpers"]]
+
+
+def test_readme_has_one_parsing_example_per_command():
+    """Every command of `python -m helpers` has an example in the README, and every example parses."""
+    examples = readme_commands(README.read_text())
+    assert sorted(argv[0] for argv in examples) == sorted(cli.COMMANDS)
+    for argv in examples:
+        args = cli.build_parser(argv).parse_args(argv)  # a bad option raises UsageError
+        assert args.func is cli.COMMANDS[argv[0]][1]
