@@ -1,1 +1,1 @@
-"""Analysis of a dense model: hooks, Layer Redundancy, depth-pruning block scores."""
+"""Analysis of a dense model: per-layer capture, Layer Redundancy, depth-pruning block scores."""
