@@ -29,9 +29,7 @@ TOL = 1e-4
 
 def noisy_gemma(tied: bool, seed: int = 0):
     """A tiny Gemma 3 whose norm weights w are random around 0 (scales 1 + w far from 1), window 8 < seqlen."""
-    model = tiny_model(
-        "gemma3_text", seed=seed, head_dim=16, sliding_window=8, num_hidden_layers=6, tie_word_embeddings=tied
-    )
+    model = tiny_model("gemma3_text", seed=seed, num_hidden_layers=6, tie_word_embeddings=tied)  # tiny_config: window 8
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -54,6 +52,7 @@ def logits(model, ids):
 def test_config_has_both_attention_kinds_and_the_family_wants_bos():
     model = noisy_gemma(tied=True)
     assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
+    assert model.config.sliding_window < calib().shape[1]  # the window really cuts the test windows
     assert get_adapter(model).prepend_bos and not get_adapter(tiny_model("llama")).prepend_bos
     assert model.model.embed_tokens.embed_scale.item() == pytest.approx(8.0)  # sqrt(64)
 

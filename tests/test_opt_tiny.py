@@ -17,7 +17,7 @@ TOL = 1e-4
 
 def noisy_opt(seed: int = 0, tied: bool = True):
     """A tiny OPT whose LayerNorm scales and biases are random and far from (1, 0)."""
-    model = tiny_model("opt", seed=seed, ffn_dim=96, word_embed_proj_dim=64, tie_word_embeddings=tied)
+    model = tiny_model("opt", seed=seed, tie_word_embeddings=tied)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
