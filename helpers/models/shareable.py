@@ -55,25 +55,37 @@ def _unsupported(adapter: ModelAdapter, model: nn.Module) -> str | None:
     return None
 
 
+def layout_spec(model: nn.Module, dims: list[int], tied: bool, final_dim: int, head_bias: bool) -> dict:
+    """What `build_sliced` needs, read from the adapter: module paths, per-layer dims, last width, layout, eps."""
+    adapter = get_adapter(model)
+    block = adapter.layers(model)[0]
+    return {
+        "layers": _path(model, adapter.layers(model)),
+        "embedding": _path(model, adapter.embedding(model)),
+        "final_norm": _path(model, adapter.final_norm(model)),
+        "head": _path(model, adapter.head(model)),
+        "positions": [_path(model, table) for table in adapter.position_tables(model)],
+        "inputs": [_path(block, linear) for linear in adapter.attention_inputs(block) + adapter.mlp_inputs(block)],
+        "attention_output": _path(block, adapter.attention_output(block)),
+        "mlp_output": _path(block, adapter.mlp_output(block)),
+        "layer_class": adapter.sliced_layer_class.__name__,
+        "dims": [int(k) for k in dims],
+        "final_dim": int(final_dim),
+        "tied": bool(tied),
+        "eps": adapter.norm_eps(model),
+        "head_bias": bool(head_bias),
+    }
+
+
 def sliced_spec(model: nn.Module) -> dict:
-    """What the modeling file needs to rebuild a sliced model: module paths, per-layer dims, layout, eps."""
+    """The `lab_checkpoint` record of a sliced model: its `layout_spec`, or why plain transformers cannot load it."""
     adapter, info = get_adapter(model), model.slicing_info
     reason = _unsupported(adapter, model)
     if reason is not None:
         return {"format": "unsupported", "reason": reason}
-    head = adapter.head(model)
-    return {
-        "format": "sliced",
-        "layers": _path(model, adapter.layers(model)),
-        "embedding": _path(model, adapter.embedding(model)),
-        "final_norm": _path(model, adapter.final_norm(model)),
-        "head": _path(model, head),
-        "layer_class": adapter.sliced_layer_class.__name__,
-        "dims": list(info.dims),
-        "tied": bool(info.tied),
-        "eps": adapter.norm_eps(model),
-        "head_bias": getattr(head, "bias", None) is not None,
-    }
+    head_bias = getattr(adapter.head(model), "bias", None) is not None
+    final_dim = info.final_dim or info.hidden_size
+    return {"format": "sliced", **layout_spec(model, info.dims, info.tied, final_dim, head_bias)}
 
 
 def pruned_spec(model: nn.Module, replacement: dict | None) -> dict:
