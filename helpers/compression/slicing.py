@@ -52,13 +52,14 @@ from helpers.infra.integrity import (
     check_calibration_tokens,
     folder_checksums,
     read_metadata,
+    safetensors_shapes,
     verify_checksums,
 )
 from helpers.infra.memory import release_freed_memory
 from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
 from helpers.models.loading import pick_device
-from helpers.models.shareable import layout_spec, sliced_spec, write_shareable
+from helpers.models.shareable import check_stored_layout, layout_spec, sliced_spec, write_shareable
 from helpers.models.sliced_layers import (
     RotatedEmbedding,
     TiedHead,
@@ -604,8 +605,8 @@ def slice_model(
 # ---------------------------------------------------------------------------------------------
 
 
-def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> None:
-    """Turn a freshly built dense model into an (uninitialised) sliced one with the right shapes.
+def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> dict:
+    """Turn a freshly built dense model into an (uninitialised) sliced one with the right shapes; return its spec.
 
     The same `build_sliced` the modeling file saved for plain transformers runs, with the adapter's own layers.
     """
@@ -614,6 +615,7 @@ def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, f
     head_bias = adapter.norm_bias(adapter.final_norm(model)) is not None  # folded into the head (LayerNorm)
     spec = layout_spec(model, list(dims), tied, final_dim, head_bias)
     build_sliced(model, spec, lambda block, d_in, d_out: adapter.sliced_layer(block, d_in, d_out, d, eps))
+    return spec
 
 
 def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
@@ -663,7 +665,8 @@ def load_sliced(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     dims = check_dims(meta["dims"], config.num_hidden_layers, config.hidden_size)
     final_dim = check_dims([meta.get("final_dim", config.hidden_size)], 1, config.hidden_size)[0]
-    _build_sliced_structure(model, dims, meta["tied"], final_dim)
+    spec = _build_sliced_structure(model, dims, meta["tied"], final_dim)
+    check_stored_layout(spec, safetensors_shapes(folder / "model.safetensors"), meta_path)
     missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match the sliced layout (missing {missing}, extra {unexpected}).")

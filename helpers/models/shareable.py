@@ -88,6 +88,30 @@ def sliced_spec(model: nn.Module) -> dict:
     return {"format": "sliced", **layout_spec(model, info.dims, info.tied, final_dim, head_bias)}
 
 
+def check_stored_layout(spec: dict, shapes: dict[str, list[int]], meta_file: str | Path) -> None:
+    """Compare the layout `spec` (read from `meta_file`) with the shapes a weights file holds; an error names
+    `meta_file` and the field that disagrees (dims, tied, final_dim) instead of a size-mismatch dump."""
+    layers, n = spec["layers"], len(spec["dims"])
+    stored_tied = f"{spec['embedding']}.proj.weight" in shapes  # RotatedEmbedding's d x d_0 map
+    if stored_tied != spec["tied"]:
+        raise ValueError(
+            f"{meta_file}: field 'tied' is {str(spec['tied']).lower()} but the weights hold the "
+            f"{'tied' if stored_tied else 'untied'} layout."
+        )
+    for i, kept in enumerate(spec["dims"]):
+        stored = shapes.get(f"{layers}.{i}.attn_shortcut.weight", [kept])[0]
+        if stored != kept:
+            raise ValueError(
+                f"{meta_file}: field 'dims' gives layer {i} {kept} dimensions but the weights hold {stored}."
+            )
+    stored_final = shapes.get(f"{layers}.{n - 1}.mlp_shortcut.weight", [spec["final_dim"]])[0]
+    if stored_final != spec["final_dim"]:
+        raise ValueError(
+            f"{meta_file}: field 'final_dim' is {spec['final_dim']} but the weights' last residual "
+            f"has {stored_final} dimensions."
+        )
+
+
 def pruned_spec(model: nn.Module, replacement: dict | None) -> dict:
     """What the modeling file needs to rebuild a pruned model: where the layers are, the replacement if any."""
     return {"format": "pruned", "layers": _path(model, get_adapter(model).layers(model)), "replacement": replacement}
