@@ -185,12 +185,15 @@ def model_kind(name: str) -> str:
 def from_pretrained_strict(source: str, dtype: torch.dtype) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained`, but a missing or unexpected weight is an error (never a random
     initialisation), in one line instead of transformers' load report."""
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the stderr of a failed load is then the one line below
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if bad:
         listed = "; ".join(f"{k.split('_')[0]} {v[:3]}{' ...' if len(v) > 3 else ''}" for k, v in bad.items())
