@@ -21,9 +21,15 @@ from helpers.models.pruned_layers import build_replacement
 
 TOL = 1e-5
 
-# Loads every folder given with transformers alone and saves its logits; fails if anything imported helpers.
+# Loads every folder given with transformers alone and saves its logits; helpers cannot be imported (the
+# venv may have it installed, so a finder refuses it), and nothing may have imported it.
 PLAIN = """
 import sys
+class NoHelpers:
+    def find_spec(self, name, path=None, target=None):
+        if name == "helpers" or name.startswith("helpers."):
+            raise ImportError("helpers is blocked in this interpreter")
+sys.meta_path.insert(0, NoHelpers())
 import torch
 from transformers import AutoModelForCausalLM
 ids = torch.load(sys.argv[1])
