@@ -87,13 +87,14 @@ def final_dim(text: str) -> int | str:
 
 
 positive_int.__name__, count.__name__, fraction.__name__ = "positive integer", "integer >= 0", "fraction in [0, 1)"
+step_fraction.__name__ = "step in (0, 1)"
 final_dim.__name__ = 'positive integer or "last"'
 positive_ints.__name__ = "comma-separated positive integers"
 
 
 def _out_args(p: argparse.ArgumentParser, kind: str | None, help: str, required: bool = False) -> None:
     """`--out` (a file when `kind` is None, else a folder of that kind) and `--overwrite`."""
-    p.add_argument("--out", type=Path, default=None, required=required, help=help)
+    p.add_argument("--out", default=None, required=required, help=help)  # a Path after preflight's checks
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (a folder only if lab-made)")
     p.set_defaults(out_kind=kind)
 
@@ -503,8 +504,8 @@ def _outputs(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
 
 
 def _check_text(name: str | None, flag: str) -> None:
-    """A text argument must be a known name or an existing file (not a folder)."""
-    from helpers.infra.textdata import text_sources
+    """A text argument must be a known name or an existing file (not a folder) that decodes (UTF-8 or --encoding)."""
+    from helpers.infra.textdata import read_text_file, text_sources
 
     if name is None or name in text_sources():
         return
@@ -513,30 +514,89 @@ def _check_text(name: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {name} is a folder; give a .txt file or one of {', '.join(text_sources())}.")
     if not path.is_file():
         raise ValueError(f"Unknown text {name!r} for {flag}: use a .txt file or one of {', '.join(text_sources())}.")
+    read_text_file(path)  # undecodable bytes are named now, not after the model loads
+
+
+# Commands that build on an uncompressed model, and why; the others (ppl, zeroshot, speed) take any kind.
+NEEDS_DENSE = {
+    "lr": "Layer Redundancy is measured on the uncompressed model",
+    "slice": "slicing starts from the uncompressed model",
+    "prune": "depth pruning starts from the uncompressed model",
+    "allocate": "the allocation needs the uncompressed model's shape and parameter count",
+    "compare": "the comparison compresses the model itself",
+    "reproduce": "the experiments compress the model themselves",
+    "rules": "the experiments compress the model themselves",
+}
+TEXT_COMMANDS = ("lr", "prune", "slice", "ppl", "speed")  # commands that read a text (get --encoding)
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """`--out` becomes a Path; a file output may not be spelled as a folder, a results folder must be writable."""
+    from helpers.infra.storage import FIGURES_DIR, probe_folder
+
+    out = getattr(args, "out", None)
+    if isinstance(out, str):
+        if out.endswith(("/", os.sep)) and args.out_kind is None:
+            raise ValueError(f"--out {out} names a folder, but {args.command} writes a file; give a file path.")
+        args.out = out = Path(out)
+    if args.command not in ("reproduce", "rules"):
+        return
+    target = out or FIGURES_DIR
+    foreign = target.exists() and not (target / "manifest.json").is_file()
+    if foreign and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"--out {target} is not empty and not an earlier reproduce output (no manifest.json).")
+    if getattr(args, "check", False) and not (target / "sweep_cells.csv").is_file():
+        raise ValueError(f"--out {target} holds no sweep_cells.csv to check; give a folder reproduce wrote.")
+    probe_folder(target, f"Cannot write --out {target}")
+
+
+def _check_model_kind(args: argparse.Namespace, source: str) -> None:
+    """A command that builds on an uncompressed model refuses a sliced or pruned one, in one line, before any work."""
+    from helpers.models.loading import model_kind
+
+    kind = model_kind(source)
+    if kind != "dense" and args.command in NEEDS_DENSE:
+        raise ValueError(
+            f"--model {args.model} is a {kind} model; {args.command} needs a dense one "
+            f"({NEEDS_DENSE[args.command]}): give the model it was made from."
+        )
 
 
 def preflight(args: argparse.Namespace) -> None:
     """Check every argument, input, output path and the device before any model loads or computing starts."""
+    import codecs
+
     from transformers import AutoConfig
 
-    from helpers.infra.integrity import check_calibration_tokens, check_device
-    from helpers.infra.storage import check_not_input, check_output
-    from helpers.models.loading import UnknownModelError, resolve_model
+    from helpers.infra.integrity import check_calibration_tokens, check_device, check_final_dim
+    from helpers.infra.storage import check_not_input, check_output, probe_folder
+    from helpers.models.loading import KNOWN_MODELS, MODELS_DIR, UnknownModelError, resolve_model
 
     if os.environ.get("HELPERS_DEVICE"):
         check_device(os.environ["HELPERS_DEVICE"], "HELPERS_DEVICE")
     if getattr(args, "device", None):
         check_device(args.device, "--device")
+    if getattr(args, "encoding", None):
+        try:
+            codecs.lookup(args.encoding)
+        except LookupError:
+            raise ValueError(
+                f"--encoding {args.encoding!r} is not a text encoding Python knows (e.g. latin-1)."
+            ) from None
     for flag in ("text", "calib", "lr_text"):
         _check_text(getattr(args, flag, None), "--" + flag.replace("_", "-"))
     lr_file = getattr(args, "lr", None)
     if lr_file is not None and not lr_file.is_file():
         raise ValueError(f"--lr {lr_file} is {'a folder' if lr_file.is_dir() else 'missing'}; give an LR CSV file.")
-    out = getattr(args, "out", None)
-    foreign = out is not None and out.exists() and not (out / "manifest.json").is_file()
-    if args.command in ("reproduce", "rules") and foreign and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {args.out} is not empty and not an earlier reproduce output (no manifest.json).")
+    _check_out(args)
+    offload = getattr(args, "offload_dir", None)
+    if offload is not None:
+        if offload.exists() and not offload.is_dir():
+            raise ValueError(f"--offload-dir {offload} is a file; give a folder for the calibration activations.")
+        probe_folder(offload, f"Cannot use --offload-dir {offload}")
     inputs = [getattr(args, k, None) for k in ("model", "text", "calib", "lr_text", "lr")]
+    if getattr(args, "model", None) in KNOWN_MODELS:
+        inputs.append(MODELS_DIR / args.model)  # the cached weights folder is an input too
     for path, kind in _outputs(args):
         check_output(path, args.overwrite, kind)
         check_not_input(path, *inputs)
@@ -548,11 +608,14 @@ def preflight(args: argparse.Namespace) -> None:
             config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as err:
             raise UnknownModelError(f"Could not read a config for --model {args.model!r}: {err}") from err
+        _check_model_kind(args, source)
         if args.command == "slice":
             tokens = args.calib_seqlen * args.calib_windows
             check_calibration_tokens(tokens, config.hidden_size, args.allow_few_tokens)
             if isinstance(args.final_dim, int) and args.final_dim > config.hidden_size:
                 raise ValueError(f"--final-dim {args.final_dim} exceeds the hidden size {config.hidden_size}.")
+            if isinstance(args.final_dim, int):
+                check_final_dim(args.final_dim, config.hidden_size)
 
 
 def _book_args(p: argparse.ArgumentParser) -> None:
@@ -589,6 +652,10 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0])
         if name == named:
             add_arguments(p)
+            if name in TEXT_COMMANDS:
+                p.add_argument(
+                    "--encoding", default=None, help="decode .txt files with this codec (default: strict UTF-8)"
+                )
         p.set_defaults(func=func)
     return parser
 
@@ -601,8 +668,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
         verbose = args.verbose
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-        preflight(args)
-        return args.func(args)
+        from helpers.infra.storage import output_claims
+        from helpers.infra.textdata import text_encoding
+
+        with output_claims(), text_encoding(getattr(args, "encoding", None)):
+            preflight(args)
+            return args.func(args)
     except SystemExit as done:  # --help
         return int(done.code or 0)
     except KeyboardInterrupt:

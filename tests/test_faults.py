@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from helpers.analysis import block_scores as depth
@@ -86,6 +86,7 @@ def world(tmp_path_factory) -> Path:
         edit(meta)
         (root / name / "slicing.json").write_text(json.dumps(meta))
     (root / "no_tokenizer" / "tokenizer.json").unlink()
+    _issue28_inputs(root, tokenizer, ids)
     (root / "bad_config").mkdir()
     (root / "bad_config" / "config.json").write_text("{not json")
     user = root / "user"
@@ -98,6 +99,47 @@ def world(tmp_path_factory) -> Path:
     pd.DataFrame({"layer": [0, 1], "score": [0.9, 0.8]}).to_csv(root / "lr_nocol.csv", index=False)
     pd.DataFrame({"layer": [0, 1, 2], "lr": [0.9, 0.8, 0.7]}).to_csv(root / "lr_3.csv", index=False)
     return root
+
+
+BAD_BYTE_AT = 100  # where bad_utf8.txt holds its invalid byte
+
+
+def _edit_json(path: Path, **changes) -> None:
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+def _issue28_inputs(root: Path, tokenizer, ids: torch.Tensor) -> None:
+    """A pruned folder, a tied --final-dim folder with edited slicing.json copies, a dense folder missing a
+    weight, badly encoded texts, an empty LR table, a symlink to the user's folder and an empty folder."""
+    from helpers.compression.checkpoints import save_pruned
+    from helpers.compression.replacement import replacement_info, streamline
+    from helpers.models.pruned_layers import build_replacement
+
+    model = tiny_model(**TINY)
+    block = build_replacement("ffn", TINY["hidden_size"], 16)
+    streamline(model, 1, 1, block)
+    save_pruned(model, tokenizer, root / "pruned", {"removed": [1], "replacement": replacement_info(block, "ffn", 1)})
+    model = tiny_model(**TINY)
+    rotate_and_slice(model, ids, [24, 16], progress=False, final_dim=8)
+    save_sliced(model, tokenizer, root / "sliced_final")
+    for name, changes in (
+        ("dims_edit", {"dims": [16, 16]}),
+        ("tied_flip", {"tied": False}),
+        ("final_edit", {"final_dim": 16}),
+    ):
+        shutil.copytree(root / "sliced_final", root / name)
+        _edit_json(root / name / "slicing.json", **changes)
+    shutil.copytree(root / "tiny", root / "missing_weight")
+    weights = load_file(str(root / "tiny" / "model.safetensors"))
+    weights.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(weights, str(root / "missing_weight" / "model.safetensors"), metadata={"format": "pt"})
+    (root / "bad_utf8.txt").write_bytes(TEXT[:BAD_BYTE_AT].encode() + b"\xff" + TEXT[BAD_BYTE_AT:].encode())
+    (root / "latin1.txt").write_bytes(TEXT.replace("river", "rivi\xe8re").encode("latin-1"))
+    (root / "lr_empty.csv").write_text("")
+    (root / "link_user").symlink_to(root / "user")
+    (root / "emptydir").mkdir()
 
 
 NEW = ["--out", "{w}/new"]
@@ -115,7 +157,7 @@ BAD_INPUTS = [  # (argv with {w} for the world folder, environment, part of the 
     (["slice", "--sp", "0.3", "--final-dim", "100000", "--model", "{w}/tiny", "--out", "{w}/new"], {}, "hidden size"),
     (["allocate", "--lr", "{w}/lr.csv", "--sp", "0.3", "--sb", "-0.1"], {}, "--sb"),
     (["speed", "--batch-sizes", "1,0"], {}, "--batch-sizes"),
-    (["rules", "--sb-step", "0", "--sb-only", "--out", "{w}/new"], {}, "--sb-step"),
+    (["rules", "--sb-step", "0", "--sb-only", "--out", "{w}/new"], {}, "--sb-step: invalid step in (0, 1) value"),
     (["frobnicate"], {}, "invalid choice"),
     (["lr", "--model", "nonexistent-model"], {}, "Unknown model"),
     (["lr", "--model", "{w}/user"], {}, "config.json"),
@@ -154,6 +196,46 @@ BAD_INPUTS = [  # (argv with {w} for the world folder, environment, part of the 
     (["ppl", "--model", "{w}/bad_dims", *TEXT_ARGS], {}, "field 'dims' must be a list of integers"),
     (["ppl", "--model", "{w}/no_tokenizer", *TEXT_ARGS], {}, "no_tokenizer/tokenizer.json is missing"),
 ]
+BAD_INPUTS_28 = [  # issue 28: what a careless or hostile user still broke
+    (["ppl", "--model", "{w}/tiny", "--out", "{w}/tiny/config.json", "--overwrite"], {}, "inside the input folder"),
+    (["lr", "--model", "{w}/tiny", "--out", "{w}/tiny/lr.csv"], {}, "inside the input folder"),
+    (["ppl", "--model", "{w}/tiny", "--out", "/proc/x/r.json"], {}, "cannot create a file in /proc"),
+    (
+        ["zeroshot", "--model", "{w}/tiny", "--tasks", "piqa", "--out", "/sys/r.json"],
+        {},
+        "cannot create a file in /sys",
+    ),
+    (["slice", "--model", "{w}/tiny", "--sp", "0.25", "--out", "/proc/x/s"], {}, "cannot create a file in /proc"),
+    (["reproduce", "--size", "smoke", "--out", "/proc/x/rep"], {}, "cannot create a file in /proc"),
+    (
+        ["ppl", "--model", "{w}/tiny", "--out", "{w}/link_user", "--overwrite"],
+        {},
+        "is a folder but this output is a file",
+    ),
+    (["slice", "--model", "{w}/tiny", "--sp", "0.25", "--out", "{w}/link_user", "--overwrite"], {}, "did not write"),
+    (["lr", "--model", "{w}/sliced"], {}, "is a sliced model; lr needs a dense one"),
+    (["slice", "--model", "{w}/sliced", "--sp", "0.25", *NEW], {}, "is a sliced model; slice needs a dense one"),
+    (["prune", "--model", "{w}/sliced", "--n", "1", *NEW], {}, "is a sliced model; prune needs a dense one"),
+    (["lr", "--model", "{w}/pruned"], {}, "is a pruned model; lr needs a dense one"),
+    (["allocate", "--lr", "{w}/lr.csv", "--sp", "0.3", "--sb", "0.1", "--model", "{w}/sliced"], {}, "allocate needs"),
+    (["ppl", "--model", "{w}/dims_edit", *TEXT_ARGS], {}, "slicing.json: field 'dims' gives layer 0 16 dimensions"),
+    (["ppl", "--model", "{w}/tied_flip", *TEXT_ARGS], {}, "slicing.json: field 'tied' is false"),
+    (["ppl", "--model", "{w}/final_edit", *TEXT_ARGS], {}, "slicing.json: field 'final_dim' is 16"),
+    (["ppl", "--model", "{w}/missing_weight", *TEXT_ARGS], {}, "missing ['model.layers.0.mlp.up_proj.weight']"),
+    (["ppl", "--model", "{w}/tiny"], {"HELPERS_DEVICE": "meta"}, "HELPERS_DEVICE='meta' cannot run a model forward"),
+    (["slice", "--model", "{w}/tiny", "--sp", "0.25", "--offload-dir", "{w}/results.json", *NEW], {}, "is a file"),
+    (["zeroshot", "--model", "{w}/tiny", "--tasks", "piqa", "--out", "{w}/newdir/"], {}, "names a folder"),
+    (["allocate", "--lr", "{w}/lr_empty.csv", "--sp", "0.3", "--sb", "0.1", "--model", "{w}/tiny"], {}, "lr_empty.csv"),
+    (["reproduce", "--check", "--out", "{w}/emptydir"], {}, "emptydir holds no sweep_cells.csv"),
+    (
+        ["ppl", "--model", "{w}/tiny", "--text", "{w}/bad_utf8.txt"],
+        {},
+        f"not valid utf-8: byte {BAD_BYTE_AT} is b'\\xff'",
+    ),
+    (["ppl", "--model", "{w}/tiny", "--text", "{w}/latin1.txt"], {}, "latin1.txt is not valid utf-8"),
+    (["ppl", "--model", "{w}/tiny", *TEXT_ARGS, "--encoding", "klingon"], {}, "--encoding 'klingon'"),
+]
+BAD_INPUTS = BAD_INPUTS + BAD_INPUTS_28
 
 
 @pytest.mark.parametrize(("argv", "env", "message"), BAD_INPUTS, ids=[f"{a[0][0]}: {a[2]}" for a in BAD_INPUTS])
@@ -172,7 +254,7 @@ def test_bad_input_one_line_nonzero_and_nothing_changed(world, argv, env, messag
 
 
 def test_enough_bad_inputs():
-    assert len(BAD_INPUTS) >= 30
+    assert len(BAD_INPUTS) >= 30 + len(BAD_INPUTS_28) and len(BAD_INPUTS_28) >= 25
 
 
 def test_cli_exit_code_and_traceback_only_with_verbose(world):
@@ -365,3 +447,222 @@ def test_corrupt_hidden_state_shard_is_recomputed(tmp_path, caplog):
     assert shard.name in caplog.text and str(folder) in caplog.text
     for again, before in zip(iter_pairs(folder), good, strict=True):
         torch.testing.assert_close(torch.cat(again), before)
+
+
+# Runs `python -m helpers ARGV` with the command's work patched to wait, after the work, until every
+# process named in sys.argv[2] has got as far (marker files): the writers then race for the same --out.
+RACER = """
+import importlib, pathlib, sys, time
+me, others, target, argv = pathlib.Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3], sys.argv[4:]
+module_name, name = target.rsplit(".", 1)
+module = importlib.import_module(module_name)
+work = getattr(module, name)
+def wait_for_the_others(*args, **kwargs):
+    result = work(*args, **kwargs)
+    me.touch()
+    deadline = time.time() + 120
+    while not all(pathlib.Path(o).exists() for o in others) and time.time() < deadline:
+        time.sleep(0.02)
+    return result
+setattr(module, name, wait_for_the_others)
+from helpers.cli import main
+sys.exit(main(argv))
+"""
+RACES = {  # command -> (the function whose end both runs reach before either writes, extra arguments)
+    "ppl": ("helpers.evaluation.perplexity.perplexity", ["--text", "{w}/text.txt", "--seqlen", "8", "--windows", "1"]),
+    "slice": (
+        "helpers.compression.slicing.rotate_and_slice",
+        ["--sp", "0.25", "--calib", "{w}/text.txt", "--calib-seqlen", "16", "--calib-windows", "4"],
+    ),
+}
+
+
+def _last_line(stderr: str) -> str:
+    """The error line of a subprocess's stderr (progress bars may come before it): exactly one, no traceback."""
+    assert "Traceback" not in stderr and sum(line.startswith("error:") for line in stderr.splitlines()) == 1, stderr
+    return stderr.strip().splitlines()[-1]
+
+
+def _racers(tmp_path: Path, target: str, argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Run one `python -m helpers` per argv at once, each reaching `target`'s end before any writes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    marks = [tmp_path / f"mark{k}" for k in range(len(argvs))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(mark), ",".join(str(m) for m in marks if m != mark), target, *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for mark, argv in zip(marks, argvs, strict=True)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+@pytest.mark.parametrize("command", sorted(RACES))
+def test_two_concurrent_writers_to_one_out_keep_both_results(world, tmp_path, command):
+    """Both runs pass the start checks (the --out is free), both finish their work, then race for --out:
+    one wins, the other keeps its result under another name and says so in one line (exit 2). Nothing is lost."""
+    target, extra = RACES[command]
+    out = tmp_path / "runs" / ("same.json" if command == "ppl" else "same")
+    argv = [command, "--model", str(world / "tiny"), *[a.format(w=world) for a in extra], "--out", str(out)]
+    before = tree_hash(world)
+    results = _racers(tmp_path, target, [argv, argv])
+    assert sorted(r.returncode for r in results) == [0, 2], [r.stderr[-2000:] for r in results]
+    loser = next(r for r in results if r.returncode == 2)
+    err = _last_line(loser.stderr)
+    assert "kept this run's result as" in err, err
+    kept = Path(err.rsplit(" as ", 1)[1].rstrip("."))
+    assert kept.parent == out.parent and kept != out
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, kept.name])  # no partial left
+    if command == "ppl":
+        assert {json.loads(p.read_text())["model"] for p in (out, kept)} == {str(world / "tiny")}
+    else:
+        for folder in (out, kept):
+            assert load_sliced(folder, device="cpu")[0].slicing_info.dims == [24, 24]
+    assert tree_hash(world) == before
+
+
+def test_output_claimed_at_start_is_not_replaced_when_it_changes(tmp_path):
+    """The storage layer alone: a file that changed after the start checks is kept; so is this run's result."""
+    from helpers.infra.storage import OutputConflictError, check_output, output_claims
+
+    out = tmp_path / "r.json"
+    out.write_text("old\n")
+    with output_claims():
+        check_output(out, overwrite=True)
+        out.unlink()
+        out.write_text("another run's\n")  # a new file (new inode) appears at the claimed path
+        with pytest.raises(OutputConflictError, match="kept this run's result as"), atomic_path(out) as tmp:
+            tmp.write_text("mine\n")
+    assert out.read_text() == "another run's\n"
+    (kept,) = [p for p in tmp_path.iterdir() if p != out]
+    assert kept.read_text() == "mine\n" and kept.name == f"r-{os.getpid()}.json"
+    with output_claims():  # unchanged since the check: replaced as asked
+        check_output(out, overwrite=True)
+        with atomic_path(out) as tmp:
+            tmp.write_text("mine again\n")
+    assert out.read_text() == "mine again\n"
+
+
+def test_ctrl_c_during_a_run_writes_nothing_and_says_so(world, tmp_path):
+    """SIGINT while the work runs: exit 130, one line, no --out and no partial file."""
+    out = tmp_path / "r.json"
+    argv = ["ppl", "--model", str(world / "tiny"), *[a.format(w=world) for a in TEXT_ARGS], "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    never = tmp_path / "never"  # the run waits for a process that does not exist, until interrupted
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RACER, str(tmp_path / "mark"), str(never), RACES["ppl"][0], *argv],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "mark").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "mark").exists(), "the run never reached its work"
+    proc.send_signal(signal.SIGINT)
+    err = _last_line(proc.communicate(timeout=60)[1])
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mark"]
+
+
+def test_final_dim_below_the_floor_warns_loudly(world, tmp_path, caplog):
+    out = tmp_path / "s"
+    argv = ["slice", "--model", str(world / "tiny"), "--sp", "0.25", "--final-dim", "1", "--out", str(out)]
+    calib = ["--calib", str(world / "text.txt"), "--calib-seqlen", "16", "--calib-windows", "4"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, *calib]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("WARNING: --final-dim 1 keeps 1 of 32 dimensions" in w and "below 8" in w for w in warnings), warnings
+    assert load_sliced(out, device="cpu")[0].slicing_info.final_dim == 1  # documented: warned, then done
+
+
+def test_other_encodings_only_when_named(world, tmp_path, capsys):
+    """latin1.txt is refused as UTF-8 (see BAD_INPUTS_28) and read with --encoding latin-1: 'è' survives."""
+    from helpers.infra.textdata import load_text, text_encoding
+
+    with text_encoding("latin-1"):
+        assert "rivière" in load_text(str(world / "latin1.txt"))
+    out = tmp_path / "r.json"
+    argv = [
+        "ppl",
+        "--model",
+        str(world / "tiny"),
+        "--text",
+        str(world / "latin1.txt"),
+        "--seqlen",
+        "8",
+        "--windows",
+        "1",
+    ]
+    assert main([*argv, "--encoding", "latin-1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["perplexity"] > 1
+    with pytest.raises(ValueError, match=f"byte {BAD_BYTE_AT}"):
+        load_text(str(world / "bad_utf8.txt"))
+
+
+def test_model_cache_edit_with_restored_mtime_is_detected(world, tmp_path):
+    from helpers.models.loading import _record_weights
+
+    folder = tmp_path / "cache"
+    shutil.copytree(world / "tiny", folder)
+    _record_weights(folder)
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    flip_bytes(weights, at=0.7)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # size and mtime as recorded
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(IntegrityError, match="does not match its recorded SHA-256"):
+        check_model_cache(folder)
+
+
+def test_zeroed_block_anywhere_in_the_weights_gives_new_lr(world, tmp_path, lr_cache):
+    """A 64 KiB block zeroed in a > 16 MiB weights file, between where a sampled fingerprint would look, with
+    the mtime restored: the LR cache key changes and the new table matches a direct computation."""
+    folder = tmp_path / "model"
+    model = tiny_model(**{**TINY, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4})
+    model.save_pretrained(folder)
+    shutil.copy(world / "tiny" / "tokenizer.json", folder)
+    shutil.copy(world / "tiny" / "tokenizer_config.json", folder)
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    assert size > 16 << 20
+    header_len = int.from_bytes(weights.read_bytes()[:8], "little")
+    header = json.loads(weights.read_bytes()[8 : 8 + header_len])
+    offsets = [t["data_offsets"] for k, t in header.items() if k.startswith("model.layers.")]
+    layers = (8 + header_len + min(o[0] for o in offsets), 8 + header_len + max(o[1] for o in offsets))
+    block = 64 << 10
+    sampled = [k * (size - block) // 63 for k in range(64)]  # where the old fingerprint read 64 KiB blocks
+    start = next(s + block + 4096 for s in sampled if layers[0] <= s + block + 4096 and s + 3 * block < layers[1])
+    assert not any(s < start + block and start < s + block for s in sampled)  # the zeroed block is between them
+    args = (str(folder), str(world / "text.txt"), 16, 2)
+    first = redundancy.cached_layer_redundancy(*args, progress=False)
+    key = redundancy.lr_cache_path(*args)
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[start : start + block] = bytes(block)
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert redundancy.lr_cache_path(*args) != key
+    second = redundancy.cached_layer_redundancy(*args, progress=False)
+    changed, tokenizer = load_model(str(folder), device="cpu")
+    ids = tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :32].view(2, 16)
+    np.testing.assert_allclose(second["lr"], redundancy.layer_redundancy(changed, ids, progress=False)["lr"], atol=1e-6)
+    assert not np.allclose(first["lr"], second["lr"], atol=1e-7)
+
+
+def test_pruned_and_sliced_folders_never_load_as_dense(world):
+    """load_dense (what LR and block scores use) refuses lab folders; the lab's loader rebuilds them."""
+    from helpers.models.loading import load_dense
+
+    for kind in ("pruned", "sliced"):
+        with pytest.raises(ValueError, match=f"is a {kind} model; load it with"):
+            load_dense(str(world / kind))
+    model, _ = load_model(str(world / "pruned"), device="cpu")
+    assert type(model.model.layers[1]).__name__ == "ReplacementBlock"

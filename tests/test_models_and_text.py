@@ -50,8 +50,11 @@ def test_every_adapter_file_registers_its_families():
 
 def test_device_can_be_forced(monkeypatch):
     assert models.pick_device("cpu") == torch.device("cpu")
-    monkeypatch.setenv("HELPERS_DEVICE", "meta")
-    assert models.pick_device() == torch.device("meta")
+    monkeypatch.setenv("HELPERS_DEVICE", "cpu")
+    assert models.pick_device() == torch.device("cpu")
+    monkeypatch.setenv("HELPERS_DEVICE", "meta")  # shapes only: no forward can run there
+    with pytest.raises(ValueError, match="cannot run a model forward"):
+        models.pick_device()
 
 
 @pytest.mark.parametrize("model_type", supported_model_types())

@@ -1,10 +1,13 @@
-"""Sliced and pruned folders load with plain transformers, in an interpreter that never imports helpers."""
+"""Sliced (tied, untied, with and without `final_dim`) and pruned folders load with plain transformers, in an
+interpreter that never imports helpers, and give the lab loader's logits."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +21,15 @@ from helpers.models.pruned_layers import build_replacement
 
 TOL = 1e-5
 
-# Loads every folder given with transformers alone and saves its logits; fails if anything imported helpers.
+# Loads every folder given with transformers alone and saves its logits; helpers cannot be imported (the
+# venv may have it installed, so a finder refuses it), and nothing may have imported it.
 PLAIN = """
 import sys
+class NoHelpers:
+    def find_spec(self, name, path=None, target=None):
+        if name == "helpers" or name.startswith("helpers."):
+            raise ImportError("helpers is blocked in this interpreter")
+sys.meta_path.insert(0, NoHelpers())
 import torch
 from transformers import AutoModelForCausalLM
 ids = torch.load(sys.argv[1])
@@ -39,11 +48,12 @@ def _ids(seqlen: int = 16) -> torch.Tensor:
     return ids
 
 
-def _sliced(tmp_path, family: str, tied: bool, **config) -> str:
+def _sliced(tmp_path, family: str, tied: bool, final_dim: int | None = None, **config) -> str:
     model = tiny_model(family, seed=1, tie_word_embeddings=tied, **config)
-    rotate_and_slice(model, _ids(), [48, 40, 56, 32], progress=False)
+    rotate_and_slice(model, _ids(), [48, 40, 56, 32], progress=False, final_dim=final_dim)
     assert model.slicing_info.tied == tied
-    return str(save_sliced(model, None, tmp_path / f"{family}-{'tied' if tied else 'untied'}"))
+    name = f"{family}-{'tied' if tied else 'untied'}-final{final_dim or 'full'}"
+    return str(save_sliced(model, None, tmp_path / name))
 
 
 def _pruned(tmp_path) -> str:
@@ -60,6 +70,8 @@ def test_saved_folders_load_with_plain_transformers(tmp_path):
     folders = [
         _sliced(tmp_path, "llama", tied=True),
         _sliced(tmp_path, "llama", tied=False),
+        _sliced(tmp_path, "llama", tied=True, final_dim=24),  # the head reads 24 of 64 coordinates
+        _sliced(tmp_path, "llama", tied=False, final_dim=24),
         _sliced(tmp_path, "gemma3_text", tied=True, head_dim=16, sliding_window=8),
         _pruned(tmp_path),
     ]
@@ -83,6 +95,10 @@ def test_saved_folders_load_with_plain_transformers(tmp_path):
         plain = torch.load(folder + ".logits")
         assert plain.shape == expected.shape
         assert (plain - expected).abs().max() < TOL, folder
+        spec = json.loads((Path(folder) / "config.json").read_text())["lab_checkpoint"]
+        if spec["format"] == "sliced":  # the record names the head's width, as slicing.json does
+            assert spec["final_dim"] == json.loads((Path(folder) / "slicing.json").read_text())["final_dim"]
+            assert spec["final_dim"] == (24 if "final24" in folder else 64)
 
 
 def test_unsupported_family_is_refused_in_one_line(tmp_path, monkeypatch):

@@ -344,7 +344,13 @@ def savings_table(lr: np.ndarray, sps: list[float], sb: float, shape: ModelShape
 
 def read_lr_csv(path: str) -> np.ndarray:
     """LR scores from a CSV written by `helpers lr` (column `lr`, ordered by `layer`)."""
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not an LR table ({' '.join(str(err).split())}); write one with: "
+            f"python -m helpers lr --out {path}"
+        ) from None
     if "lr" not in table.columns:
         raise ValueError(f"{path} has no 'lr' column; write one with: python -m helpers lr --out {path}")
     if "layer" in table.columns:

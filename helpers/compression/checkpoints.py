@@ -21,7 +21,14 @@ from helpers.compression.slicing import SLICING_FILE, load_sliced
 from helpers.infra.integrity import CHECKSUM_FIELD, IntegrityError, folder_checksums, read_metadata, verify_checksums
 from helpers.infra.storage import atomic_path, write_json_atomic
 from helpers.models.adapters import get_adapter
-from helpers.models.loading import DEFAULT_MODEL, load_dense, pick_device, resolve_model, with_bos
+from helpers.models.loading import (
+    DEFAULT_MODEL,
+    from_pretrained_strict,
+    load_dense,
+    pick_device,
+    resolve_model,
+    with_bos,
+)
 from helpers.models.pruned_layers import build_replacement
 from helpers.models.shareable import pruned_spec, write_shareable
 
@@ -87,7 +94,7 @@ def load_pruned(folder: str | Path, device: torch.device | str | None = None, dt
             raise ValueError(f"{folder} does not match its pruning.json: missing {missing}, unexpected {unexpected}.")
         model.tie_weights()
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = from_pretrained_strict(str(folder), dtype)
         renumber_layers(model)
     model.to(pick_device(device)).eval()
     model.name_or_path = str(folder)

@@ -52,6 +52,7 @@ from helpers.infra.integrity import (
     check_calibration_tokens,
     folder_checksums,
     read_metadata,
+    safetensors_shapes,
     verify_checksums,
 )
 from helpers.infra.memory import release_freed_memory
@@ -59,11 +60,12 @@ from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
 from helpers.models.hooks import forward_hooks, layer_input
 from helpers.models.loading import pick_device
-from helpers.models.shareable import sliced_spec, write_shareable
+from helpers.models.shareable import check_stored_layout, layout_spec, sliced_spec, write_shareable
 from helpers.models.sliced_layers import (
     RotatedEmbedding,
     TiedHead,
     WeightlessRMSNorm,
+    build_sliced,
     rotate_input,
     rotate_output,
     set_linear,
@@ -593,40 +595,17 @@ def slice_model(
 # ---------------------------------------------------------------------------------------------
 
 
-def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> None:
-    """Turn a freshly built dense model into an (uninitialised) sliced one with the right shapes."""
+def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> dict:
+    """Turn a freshly built dense model into an (uninitialised) sliced one with the right shapes; return its spec.
+
+    The same `build_sliced` the modeling file saved for plain transformers runs, with the adapter's own layers.
+    """
     adapter = get_adapter(model)
     d, eps = model.config.hidden_size, adapter.norm_eps(model)
-    n_layers = len(adapter.layers(model))
-
-    def resize(linear: nn.Linear, n_in: int | None = None, n_out: int | None = None) -> None:
-        n_in, n_out = n_in or linear.in_features, n_out or linear.out_features
-        bias = None if linear.bias is None else torch.zeros(n_out)
-        set_linear(linear, torch.zeros(n_out, n_in), bias)
-
-    for i, layer in enumerate(list(adapter.layers(model))):
-        d_in, d_out = dims[i], dims[i + 1] if i + 1 < n_layers else final_dim
-        for linear in adapter.attention_inputs(layer) + adapter.mlp_inputs(layer):
-            resize(linear, n_in=d_in)
-        sliced = adapter.sliced_layer(layer, d_in, d_out, d, eps)
-        attention_writer, mlp_writer = _writers(adapter, sliced)
-        resize(attention_writer, n_out=d_in)
-        resize(mlp_writer, n_out=d_out)
-        adapter.set_layer(model, i, sliced)
-    table = adapter.embedding(model)
-    vocab = table.num_embeddings
     head_bias = adapter.norm_bias(adapter.final_norm(model)) is not None  # folded into the head (LayerNorm)
-    for positions in adapter.position_tables(model):
-        positions.weight = nn.Parameter(torch.zeros(positions.num_embeddings, dims[0]), requires_grad=False)
-    adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
-    if tied:
-        adapter.set_embedding(model, RotatedEmbedding(table, dims[0]))
-        adapter.set_head(model, TiedHead(adapter.embedding(model).table))
-    else:
-        adapter.set_embedding(model, nn.Embedding(vocab, dims[0]))
-    if not tied or final_dim < d:
-        adapter.set_head(model, nn.Linear(final_dim, vocab, bias=head_bias))
-    model.config.tie_word_embeddings = False
+    spec = layout_spec(model, list(dims), tied, final_dim, head_bias)
+    build_sliced(model, spec, lambda block, d_in, d_out: adapter.sliced_layer(block, d_in, d_out, d, eps))
+    return spec
 
 
 def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
@@ -676,7 +655,8 @@ def load_sliced(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     dims = check_dims(meta["dims"], config.num_hidden_layers, config.hidden_size)
     final_dim = check_dims([meta.get("final_dim", config.hidden_size)], 1, config.hidden_size)[0]
-    _build_sliced_structure(model, dims, meta["tied"], final_dim)
+    spec = _build_sliced_structure(model, dims, meta["tied"], final_dim)
+    check_stored_layout(spec, safetensors_shapes(folder / "model.safetensors"), meta_path)
     missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match the sliced layout (missing {missing}, extra {unexpected}).")

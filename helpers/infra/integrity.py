@@ -1,10 +1,10 @@
 """Checks that keep results honest: content fingerprints for cache keys, weight checksums, metadata and device checks.
 
 A cache key built from names goes stale when a file changes under the same name,
-so keys here hash content: the text itself, the model's weights (safetensors
-header, sizes and sampled blocks), the settings and the source of the code that
-computes the value. Saved models record a SHA-256 of every file they hold and
-are verified against it on load.
+so keys here hash content: the text itself, every byte of the model's weights,
+the settings and the source of the code that computes the value. Saved models
+record a SHA-256 of every file they hold and are verified against it on load.
+No check trusts a file's modification time (an edit can restore it).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import platform
 import shutil
 import struct
+import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -30,9 +32,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FULL_HASH_LIMIT = 16 << 20  # weight files up to 16 MiB are hashed whole
-SAMPLE_BLOCKS, SAMPLE_SIZE = 64, 64 << 10  # larger ones: header, size and 64 blocks of 64 KiB spread evenly
 CHECKSUM_FIELD = "checksums"
+SETTLED_S = 2.0  # a file unchanged for this long when hashed is hashed once per process (see file_sha256)
+FINAL_DIM_FLOOR, FINAL_DIM_FLOOR_FRACTION = 8, 0.01  # a --final-dim below both is almost surely a mistake
+FORWARD_DEVICES = ("cpu", "cuda", "mps")  # device types a model forward can run on
 
 
 class IntegrityError(ValueError):
@@ -44,28 +47,28 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="replace")).hexdigest()
 
 
+_hashed: dict[tuple, str] = {}  # (path, device, inode, size, mtime, ctime) -> SHA-256, for settled files only
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (about 0.6 s for 540 MB with SHA extensions).
+
+    Every process hashes a file afresh. Inside one process a file that had not changed for SETTLED_S
+    when it was hashed is not hashed again while its inode, size and times stay the same: any write
+    after the hash moves its change time (ctime, which no user call can set back) past the margin.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _hashed:
+        return _hashed[key]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+    if time.time() - st.st_ctime > SETTLED_S:
+        _hashed[key] = digest.hexdigest()
     return digest.hexdigest()
-
-
-def _safetensors_fingerprint(path: Path, digest: Any) -> None:
-    """Feed a safetensors file into `digest`: whole if small, else header, size and sampled blocks."""
-    size = path.stat().st_size
-    digest.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as handle:
-        if size <= FULL_HASH_LIMIT:
-            digest.update(handle.read())
-            return
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        digest.update(handle.read(min(header_len, size - 8)))
-        for k in range(SAMPLE_BLOCKS):
-            handle.seek(k * (size - SAMPLE_SIZE) // (SAMPLE_BLOCKS - 1))
-            digest.update(handle.read(SAMPLE_SIZE))
 
 
 def weights_fingerprint(source: str) -> str:
@@ -78,7 +81,7 @@ def weights_fingerprint(source: str) -> str:
         if (folder / name).is_file():
             digest.update((folder / name).read_bytes())
     for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        _safetensors_fingerprint(path, digest)
+        digest.update(f"{path.name}:{file_sha256(path)}".encode())  # every byte: a zeroed block anywhere counts
     return digest.hexdigest()
 
 
@@ -163,8 +166,14 @@ def verify_checksums(folder: str | os.PathLike, meta_file: str, recorded: dict[s
             )
 
 
-def check_safetensors(path: str | os.PathLike) -> None:
-    """Check that a safetensors file has a readable header and exactly the bytes it declares (no truncation)."""
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Every tensor's name and shape from a safetensors file's header, without reading the tensors."""
+    return {k: t["shape"] for k, t in check_safetensors(path).items() if k != "__metadata__"}
+
+
+def check_safetensors(path: str | os.PathLike) -> dict:
+    """Check that a safetensors file has a readable header and exactly the bytes it declares (no truncation);
+    return the header."""
     path = Path(path)
     size = path.stat().st_size
     try:
@@ -178,6 +187,7 @@ def check_safetensors(path: str | os.PathLike) -> None:
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if size != 8 + header_len + end:
         raise IntegrityError(f"{path} holds {size} bytes but its header declares {8 + header_len + end}.")
+    return header
 
 
 def _is_int(value: Any) -> bool:
@@ -227,7 +237,8 @@ def discard(path: str | os.PathLike, reason: str) -> None:
 
 
 def check_device(spec: str | torch.device, origin: str = "device") -> torch.device:
-    """Parse a device and check this machine has it; a one-line ValueError otherwise."""
+    """Parse a device and check this machine can run a forward on it (a tiny matmul); a one-line ValueError
+    otherwise."""
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError) as err:
@@ -239,9 +250,31 @@ def check_device(spec: str | torch.device, origin: str = "device") -> torch.devi
             raise ValueError(f"{origin}={spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{origin}={spec!r} asks for Apple MPS, which this machine does not have; use cpu.")
-    elif device.type not in ("cpu", "cuda", "mps", "meta"):  # meta: shapes only, for tests
-        raise ValueError(f"{origin}={spec!r} is not supported here; use cpu, cuda, cuda:N or mps.")
+    elif device.type not in FORWARD_DEVICES:  # meta holds shapes only; others are not wired here
+        raise ValueError(f"{origin}={spec!r} cannot run a model forward here; use cpu, cuda, cuda:N or mps.")
+    if device.type != "cpu":
+        try:
+            ones = torch.ones(2, 2, device=device)
+            (ones @ ones).sum().item()
+        except RuntimeError as err:
+            raise ValueError(f"{origin}={spec!r} failed a test computation ({str(err).splitlines()[0]}).") from err
     return device
+
+
+def check_final_dim(final_dim: int, hidden_size: int) -> bool:
+    """Warn loudly (and return True) when a head would read fewer than max(8, 1% of d) dimensions."""
+    floor = max(FINAL_DIM_FLOOR, math.ceil(FINAL_DIM_FLOOR_FRACTION * hidden_size))
+    if final_dim >= floor:
+        return False
+    log.warning(
+        "WARNING: --final-dim %d keeps %d of %d dimensions for the head (below %d = max(8, 1%% of d)): "
+        "the model will predict far worse. Check the value; 'last' keeps the last layer's width.",
+        final_dim,
+        final_dim,
+        hidden_size,
+        floor,
+    )
+    return True
 
 
 def check_calibration_tokens(tokens: int, hidden_size: int, allow_few: bool = False) -> None:

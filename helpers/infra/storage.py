@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,12 +21,51 @@ CACHE_DIR = DATA_DIR / "cache"
 RUNS_DIR = DATA_DIR / "runs"  # single commands write here by default; only `reproduce` writes into figures/
 
 
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV)  # os.link's errors where a filesystem has none
 MARKER = ".lab-output"  # names the kind of a folder this lab wrote, so only such a folder is ever replaced
 FIGURE_SUFFIXES = (".png", ".svg")
 
 
 class OutputExistsError(ValueError):
     """Raised instead of replacing a file or folder that the command did not make."""
+
+
+class OutputConflictError(OutputExistsError):
+    """Raised when a claimed output appeared or changed while the run worked; both results are kept."""
+
+
+# The user-named outputs of the running command, as `check_output` found them before the work began:
+# path -> identity (None: absent). `atomic_path` refuses to replace what changed since (a concurrent run).
+_claims: dict[Path, tuple | None] = {}
+
+
+def _identity(path: Path) -> tuple | None:
+    """What tells one file or folder from another at the same path (device, inode, size, times); None if absent."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+@contextlib.contextmanager
+def output_claims() -> Iterator[None]:
+    """Scope of one command: outputs checked by `check_output` inside it are claimed until it ends."""
+    _claims.clear()
+    try:
+        yield
+    finally:
+        _claims.clear()
+
+
+def _kept_name(path: Path) -> Path:
+    """A free name next to `path` for this run's result when `path` was taken meanwhile (NAME-PID.SUFFIX)."""
+    stem, suffix = (path.stem, path.suffix) if path.suffix and not path.is_dir() else (path.name, "")
+    candidate, n = path.with_name(f"{stem}-{os.getpid()}{suffix}"), 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = path.with_name(f"{stem}-{os.getpid()}-{n}{suffix}")
+    return candidate
 
 
 def output_kind(path: str | os.PathLike) -> str | None:
@@ -75,7 +115,8 @@ def atomic_path(path: str | os.PathLike, kind: str | None = None) -> Iterator[Pa
     replaced only when it is a lab output of the same `kind` (OutputExistsError otherwise).
     Leftover partial folders of killed writes to `path` are removed first.
     """
-    path = Path(path)
+    path = Path(path).expanduser().resolve()  # a symlink's target is what gets written
+    claimed, expected = path in _claims, _claims.pop(path, None)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
     _check_replaceable(path, kind)
@@ -87,11 +128,48 @@ def atomic_path(path: str | os.PathLike, kind: str | None = None) -> Iterator[Pa
         if kind is not None:
             (target / MARKER).write_text(kind + "\n")
         _check_replaceable(path, kind)
-        if path.is_dir() and not path.is_symlink():
+        if claimed:
+            _move_claimed(target, path, expected, tmp)
+            return
+        if path.is_dir():
             os.replace(path, tmp / "previous")  # two renames: the old folder is never half deleted
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_claimed(target: Path, path: Path, expected: tuple | None, tmp: Path) -> None:
+    """Move a claimed output into place only over what was there when the run began; else keep both.
+
+    A path that was absent is taken without replacing (a hard link for a file, a rename that fails over a
+    non-empty folder), so two runs writing one --out never lose a result: the later one keeps its own
+    under another name and says so in one line (OutputConflictError).
+    """
+    try:
+        if _identity(path) != expected:
+            raise FileExistsError(errno.EEXIST, "changed since the run began", str(path))
+        if expected is None and target.is_dir():
+            os.rename(target, path)  # fails (ENOTEMPTY) if a finished folder appeared since the check above
+        elif expected is None:
+            try:
+                os.link(target, path)  # fails (EEXIST) if the name was taken since the check above
+            except OSError as err:  # a filesystem without hard links: the small window of a plain rename
+                if err.errno not in NO_HARD_LINKS or os.path.lexists(path):
+                    raise
+                os.replace(target, path)
+        else:
+            if path.is_dir():
+                os.replace(path, tmp / "previous")
+            os.replace(target, path)
+    except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        kept = _kept_name(path)
+        os.replace(target, kept)
+        raise OutputConflictError(
+            f"{path} appeared or changed while this run worked (another run writing the same --out?): "
+            f"left it as it is and kept this run's result as {kept}."
+        ) from None
 
 
 def _check_replaceable(path: Path, kind: str | None) -> None:
@@ -110,24 +188,39 @@ def _check_replaceable(path: Path, kind: str | None) -> None:
 
 
 def check_output(path: str | os.PathLike, overwrite: bool = False, kind: str | None = None) -> Path:
-    """Pre-flight check of an output path: refuse existing paths without `overwrite`, and unwritable places."""
-    path = Path(path).expanduser()
-    if path.exists() or path.is_symlink():
+    """Pre-flight check of an output path (symlinks resolved): refuse existing paths without `overwrite`, and
+    places where a probe file cannot be created; claim it (see `output_claims`). Returns the resolved path."""
+    given = Path(path).expanduser()
+    path = given.resolve()
+    if os.path.lexists(given) or path.exists():
         if not overwrite:
-            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it or choose another path.")
+            raise OutputExistsError(f"{given} already exists; pass --overwrite to replace it or choose another path.")
         _check_replaceable(path, kind)
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputExistsError(f"Cannot write {path}: {parent} is a file, not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"Cannot write {path}: no write permission in {parent}.")
+    probe_folder(path.parent, f"Cannot write {given}")
+    _claims[path] = _identity(path)
     return path
 
 
+def probe_folder(folder: str | os.PathLike, context: str) -> None:
+    """Prove that files can be created in `folder` (or its nearest existing ancestor): create and remove a probe.
+
+    `os.access` says yes for /proc and /sys as root; only a real file creation tells.
+    """
+    folder = Path(folder).expanduser().resolve()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputExistsError(f"{context}: {folder} is a file, not a folder.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(f"{context}: cannot create a file in {folder} ({err.strerror}).") from None
+
+
 def check_not_input(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
-    """Refuse an output path that is an input or a folder holding one (writing would destroy it)."""
+    """Refuse an output path that is an input, a folder holding one, or lies inside an input folder."""
     target = Path(out).expanduser().resolve()
     for item in inputs:
         if item is None or not Path(item).expanduser().exists():
@@ -135,6 +228,10 @@ def check_not_input(out: str | os.PathLike, *inputs: str | os.PathLike | None) -
         source = Path(item).expanduser().resolve()
         if source == target or target in source.parents:
             raise OutputExistsError(f"The output {out} is the input {item}; choose a different output path.")
+        if source.is_dir() and source in target.parents:
+            raise OutputExistsError(
+                f"The output {out} is inside the input folder {item}; writing there would change the input."
+            )
 
 
 def figure_stem(table_path: str | os.PathLike) -> Path:

@@ -14,8 +14,11 @@ text tokens, because Gemma 3 without its BOS is a much worse model.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import rdata
@@ -35,6 +38,33 @@ EVAL_TEXT = "great-expectations"  # default held-out text for perplexity
 BOOKS_RDA = DATA_DIR / "downloads" / "tidytext" / "usr/lib/R/site-library/tidytext/extdata/books.rda"
 BOOKS_DIR = DATA_DIR / "gutenberg"
 SETUP_HINT = "run `make setup` (it fetches the Debian package r-cran-tidytext into data/downloads)"
+
+
+_encoding: ContextVar[str | None] = ContextVar("text_encoding", default=None)  # None: strict UTF-8
+
+
+@contextlib.contextmanager
+def text_encoding(name: str | None) -> Iterator[None]:
+    """Decode .txt files with codec `name` inside the block (the CLI's --encoding); None: strict UTF-8."""
+    token = _encoding.set(name)
+    try:
+        yield
+    finally:
+        _encoding.reset(token)
+
+
+def read_text_file(path: str | Path) -> str:
+    """A text file's contents: strict UTF-8 (or the `text_encoding` in force); bad bytes are an error naming
+    their offset, never silently replaced."""
+    data = Path(path).read_bytes()
+    encoding = _encoding.get() or "utf-8"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid {encoding}: byte {err.start} is {data[err.start : err.start + 1]!r}; convert "
+            "the file to UTF-8 or pass --encoding with its encoding (e.g. --encoding latin-1)."
+        ) from None
 
 
 class TextTooShortError(ValueError):
@@ -108,7 +138,7 @@ def load_text(source: str) -> str:
         return _online(source)
     path = Path(source).expanduser()
     if path.is_file():
-        return path.read_text(errors="replace")
+        return read_text_file(path)
     raise ValueError(f"Unknown text {source!r}: use a path to a .txt file or one of {', '.join(text_sources())}.")
 
 

@@ -18,9 +18,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from helpers.infra.integrity import IntegrityError, check_device, check_safetensors, discard, file_sha256, read_metadata
-from helpers.infra.storage import DATA_DIR, atomic_path, write_json_atomic
+from helpers.infra.storage import DATA_DIR, atomic_path, output_kind, write_json_atomic
 from helpers.models.adapters import get_adapter
 
 log = logging.getLogger(__name__)
@@ -101,19 +102,21 @@ def _gguf_path(spec: WheelModel) -> Path:
 
 
 CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-CACHE_RECORD = "weights.json"  # SHA-256, size and mtime of model.safetensors, written with the cache
+CACHE_RECORD = "weights.json"  # SHA-256 and size of model.safetensors, written with the cache
 
 
 def _record_weights(folder: Path) -> None:
-    """Write the checksum record of a model cache's weights (hashed once; later checks compare size and mtime)."""
+    """Write the checksum record of a model cache's weights (checked against the bytes on every use)."""
     weights = folder / "model.safetensors"
-    stat = weights.stat()
-    record = {"sha256": file_sha256(weights), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    write_json_atomic(folder / CACHE_RECORD, record)
+    write_json_atomic(folder / CACHE_RECORD, {"sha256": file_sha256(weights), "size": weights.stat().st_size})
 
 
 def check_model_cache(folder: Path) -> None:
-    """Raise IntegrityError naming the problem when a dequantised model cache is incomplete or damaged."""
+    """Raise IntegrityError naming the problem when a dequantised model cache is incomplete or damaged.
+
+    The weights are hashed whole on every check (file times can be restored after an edit; about 0.6 s
+    for SmolLM2's 540 MB, once per process: helpers.infra.integrity.file_sha256 remembers settled files).
+    """
     for name in CACHE_FILES:
         if not (folder / name).is_file():
             raise IntegrityError(f"{folder / name} is missing")
@@ -122,14 +125,12 @@ def check_model_cache(folder: Path) -> None:
     if not (folder / CACHE_RECORD).is_file():  # a cache from before records existed: hash it once now
         _record_weights(folder)
         return
-    record = read_metadata(folder / CACHE_RECORD, {"sha256": "str", "size": "int", "mtime_ns": "int"})
-    stat = weights.stat()
-    if stat.st_size != record["size"]:
-        raise IntegrityError(f"{weights} has {stat.st_size} bytes, {record['size']} when it was written")
-    if stat.st_mtime_ns != record["mtime_ns"]:  # touched since written: compare the bytes
-        if file_sha256(weights) != record["sha256"]:
-            raise IntegrityError(f"{weights} does not match its recorded SHA-256")
-        _record_weights(folder)
+    record = read_metadata(folder / CACHE_RECORD, {"sha256": "str", "size": "int"})
+    size = weights.stat().st_size
+    if size != record["size"]:
+        raise IntegrityError(f"{weights} has {size} bytes, {record['size']} when it was written")
+    if file_sha256(weights) != record["sha256"]:
+        raise IntegrityError(f"{weights} does not match its recorded SHA-256")
 
 
 def _cache_wheel_model(name: str, spec: WheelModel) -> Path:
@@ -172,6 +173,35 @@ def resolve_model(name: str) -> str:
     )
 
 
+COMPRESSED_KINDS = ("sliced", "pruned")
+
+
+def model_kind(name: str) -> str:
+    """ "sliced" or "pruned" for a folder this lab saved that way (its slicing.json or pruning.json), else "dense"."""
+    path = Path(name).expanduser()
+    kind = output_kind(path.resolve()) if path.is_dir() else None
+    return kind if kind in COMPRESSED_KINDS else "dense"
+
+
+def from_pretrained_strict(source: str, dtype: torch.dtype) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained`, but a missing or unexpected weight is an error (never a random
+    initialisation), in one line instead of transformers' load report."""
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the stderr of a failed load is then the one line below
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if bad:
+        listed = "; ".join(f"{k.split('_')[0]} {v[:3]}{' ...' if len(v) > 3 else ''}" for k, v in bad.items())
+        raise IntegrityError(f"{source}: the weights do not match the model's config ({listed}).")
+    return model
+
+
 def load_dense(
     name: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,
@@ -183,6 +213,11 @@ def load_dense(
     `helpers.compression.checkpoints.load_model`, which calls this for everything else.
     """
     source = resolve_model(name)
+    kind = model_kind(source)
+    if kind != "dense":
+        raise ValueError(
+            f"{name} is a {kind} model; load it with helpers.compression.checkpoints.load_model, not load_dense."
+        )
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as err:
@@ -191,7 +226,7 @@ def load_dense(
             f"offline, use one of {', '.join(KNOWN_MODELS)} or a local folder."
         ) from err
     get_adapter(config)  # fail early, before reading weights, for unsupported families
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model = from_pretrained_strict(source, dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.to(pick_device(device)).eval()
     model.name_or_path = name

@@ -4,12 +4,14 @@
 
 config.json names this file in `auto_map` and records under `lab_checkpoint`
 how the model differs from its family's own transformers model: per-layer
-kept dimensions and the tied or untied layout for a sliced model, the trained
-replacement for a pruned one. `LabCheckpoint.from_pretrained` builds the
-family's own model from the config, swaps in those modules (defined below,
-copied from the lab), gives every weight the shape stored in the folder and
-loads the weights. The result is the family's ordinary model class: forward,
-generate and save work as usual. Needs only torch, safetensors and transformers.
+kept dimensions, the last residual's width (`final_dim`) and the tied or untied
+layout for a sliced model, the trained replacement for a pruned one.
+`LabCheckpoint.from_pretrained` builds the family's own model from the config,
+swaps in those modules with `build_sliced` (defined below, copied from the lab:
+the same builder the lab's own loader calls), checks every weight has the shape
+the record gives and loads the weights. The result is the family's ordinary
+model class: forward, generate and save work as usual. Needs only torch,
+safetensors and transformers.
 """
 
 from __future__ import annotations
@@ -32,27 +34,12 @@ from helpers.models.sliced_layers import (  # noqa: F401
     TiedHead,
     WeightlessRMSNorm,
     _call_attention,
+    _resize,
+    build_sliced,
+    set_linear,
 )
 
 # <<< lab sources
-
-
-def build_sliced(model: nn.Module, spec: dict) -> None:
-    """Give the family's model the sliced layout: sliced layers, weightless final norm, new embedding and head."""
-    d, dims, eps = model.config.hidden_size, spec["dims"], spec["eps"]
-    layer_class = {"PreNormSlicedLayer": PreNormSlicedLayer, "PostNormSlicedLayer": PostNormSlicedLayer}
-    layers = model.get_submodule(spec["layers"])
-    for i, layer in enumerate(list(layers)):
-        d_out = dims[i + 1] if i + 1 < len(dims) else d
-        layers[i] = layer_class[spec["layer_class"]](layer.self_attn, layer.mlp, dims[i], d_out, d, eps)
-    model.set_submodule(spec["final_norm"], WeightlessRMSNorm(d, eps))
-    table = model.get_submodule(spec["embedding"])
-    if spec["tied"]:  # one V x d table, read by a d x d_0 input map and by the head
-        model.set_submodule(spec["embedding"], RotatedEmbedding(table, dims[0]))
-        model.set_submodule(spec["head"], TiedHead(table))
-    else:
-        model.set_submodule(spec["embedding"], nn.Embedding(table.num_embeddings, dims[0]))
-        model.set_submodule(spec["head"], nn.Linear(d, table.num_embeddings, bias=spec["head_bias"]))
 
 
 def build_pruned(model: nn.Module, spec: dict) -> None:
@@ -69,26 +56,19 @@ def build_pruned(model: nn.Module, spec: dict) -> None:
             slot += 1
 
 
-def match_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Re-create every parameter whose stored tensor has another shape (sliced widths), keeping its dtype."""
-    for name, tensor in state.items():
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        current = getattr(owner, attr)
-        if tuple(current.shape) == tuple(tensor.shape):
-            continue
-        fresh = torch.empty(tensor.shape, dtype=current.dtype)
-        setattr(owner, attr, nn.Parameter(fresh, requires_grad=current.requires_grad))
-        if isinstance(owner, nn.Linear) and attr == "weight":
-            owner.out_features, owner.in_features = tensor.shape
-
-
 def load_weights(model: nn.Module, folder: Path) -> None:
     """Load every safetensors shard of `folder`; a key may be missing only where it shares a loaded tensor."""
     state = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))
-    match_shapes(model, state)
+    own = model.state_dict()
+    wrong = [
+        f"{k} {tuple(t.shape)} vs {tuple(own[k].shape)}"
+        for k, t in state.items()
+        if k in own and own[k].shape != t.shape
+    ]
+    if wrong:
+        raise ValueError(f"{folder}: weights do not have the shapes config.json's lab_checkpoint gives: {wrong[:3]}.")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()

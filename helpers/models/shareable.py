@@ -55,25 +55,61 @@ def _unsupported(adapter: ModelAdapter, model: nn.Module) -> str | None:
     return None
 
 
+def layout_spec(model: nn.Module, dims: list[int], tied: bool, final_dim: int, head_bias: bool) -> dict:
+    """What `build_sliced` needs, read from the adapter: module paths, per-layer dims, last width, layout, eps."""
+    adapter = get_adapter(model)
+    block = adapter.layers(model)[0]
+    return {
+        "layers": _path(model, adapter.layers(model)),
+        "embedding": _path(model, adapter.embedding(model)),
+        "final_norm": _path(model, adapter.final_norm(model)),
+        "head": _path(model, adapter.head(model)),
+        "positions": [_path(model, table) for table in adapter.position_tables(model)],
+        "inputs": [_path(block, linear) for linear in adapter.attention_inputs(block) + adapter.mlp_inputs(block)],
+        "attention_output": _path(block, adapter.attention_output(block)),
+        "mlp_output": _path(block, adapter.mlp_output(block)),
+        "layer_class": adapter.sliced_layer_class.__name__,
+        "dims": [int(k) for k in dims],
+        "final_dim": int(final_dim),
+        "tied": bool(tied),
+        "eps": adapter.norm_eps(model),
+        "head_bias": bool(head_bias),
+    }
+
+
 def sliced_spec(model: nn.Module) -> dict:
-    """What the modeling file needs to rebuild a sliced model: module paths, per-layer dims, layout, eps."""
+    """The `lab_checkpoint` record of a sliced model: its `layout_spec`, or why plain transformers cannot load it."""
     adapter, info = get_adapter(model), model.slicing_info
     reason = _unsupported(adapter, model)
     if reason is not None:
         return {"format": "unsupported", "reason": reason}
-    head = adapter.head(model)
-    return {
-        "format": "sliced",
-        "layers": _path(model, adapter.layers(model)),
-        "embedding": _path(model, adapter.embedding(model)),
-        "final_norm": _path(model, adapter.final_norm(model)),
-        "head": _path(model, head),
-        "layer_class": adapter.sliced_layer_class.__name__,
-        "dims": list(info.dims),
-        "tied": bool(info.tied),
-        "eps": adapter.norm_eps(model),
-        "head_bias": getattr(head, "bias", None) is not None,
-    }
+    head_bias = getattr(adapter.head(model), "bias", None) is not None
+    final_dim = info.final_dim or info.hidden_size
+    return {"format": "sliced", **layout_spec(model, info.dims, info.tied, final_dim, head_bias)}
+
+
+def check_stored_layout(spec: dict, shapes: dict[str, list[int]], meta_file: str | Path) -> None:
+    """Compare the layout `spec` (read from `meta_file`) with the shapes a weights file holds; an error names
+    `meta_file` and the field that disagrees (dims, tied, final_dim) instead of a size-mismatch dump."""
+    layers, n = spec["layers"], len(spec["dims"])
+    stored_tied = f"{spec['embedding']}.proj.weight" in shapes  # RotatedEmbedding's d x d_0 map
+    if stored_tied != spec["tied"]:
+        raise ValueError(
+            f"{meta_file}: field 'tied' is {str(spec['tied']).lower()} but the weights hold the "
+            f"{'tied' if stored_tied else 'untied'} layout."
+        )
+    for i, kept in enumerate(spec["dims"]):
+        stored = shapes.get(f"{layers}.{i}.attn_shortcut.weight", [kept])[0]
+        if stored != kept:
+            raise ValueError(
+                f"{meta_file}: field 'dims' gives layer {i} {kept} dimensions but the weights hold {stored}."
+            )
+    stored_final = shapes.get(f"{layers}.{n - 1}.mlp_shortcut.weight", [spec["final_dim"]])[0]
+    if stored_final != spec["final_dim"]:
+        raise ValueError(
+            f"{meta_file}: field 'final_dim' is {spec['final_dim']} but the weights' last residual "
+            f"has {stored_final} dimensions."
+        )
 
 
 def pruned_spec(model: nn.Module, replacement: dict | None) -> dict:

@@ -9,6 +9,8 @@ family's own attention and MLP modules. Conventions: x is a row vector,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -160,3 +162,50 @@ class TiedHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(hidden_states * self.scale, self.table.weight)
+
+
+def _resize(linear: nn.Linear, n_in: int | None = None, n_out: int | None = None) -> None:
+    """Give `linear` zero weights (and bias) of a new width; the saved weights fill them."""
+    n_in, n_out = n_in or linear.in_features, n_out or linear.out_features
+    set_linear(linear, torch.zeros(n_out, n_in), None if linear.bias is None else torch.zeros(n_out))
+
+
+def build_sliced(model: nn.Module, spec: dict, make_layer: Callable | None = None) -> None:
+    """Turn a freshly built dense model into an uninitialised sliced one with exactly the saved shapes.
+
+    The one builder of the sliced structure: the lab's loader and the modeling file saved for plain
+    transformers both call it. `spec` (helpers.models.shareable.layout_spec) names the modules by path
+    and gives the widths; `make_layer(block, d_in, d_out)` makes a block's sliced layer (default: the
+    spec's layer class over the block's `self_attn` and `mlp`, what the modeling file supports).
+    """
+    d, dims, eps = model.config.hidden_size, spec["dims"], spec["eps"]
+    final_dim = spec.get("final_dim") or d
+    if make_layer is None:
+        layer_class = {c.__name__: c for c in (PreNormSlicedLayer, PostNormSlicedLayer)}[spec["layer_class"]]
+
+        def make_layer(block: nn.Module, d_in: int, d_out: int) -> nn.Module:
+            return layer_class(block.self_attn, block.mlp, d_in, d_out, d, eps)
+
+    layers = model.get_submodule(spec["layers"])
+    for i, block in enumerate(list(layers)):
+        d_in, d_out = dims[i], dims[i + 1] if i + 1 < len(dims) else final_dim
+        for name in spec["inputs"]:  # the linear layers reading the residual stream
+            _resize(block.get_submodule(name), n_in=d_in)
+        outputs = block.get_submodule(spec["attention_output"]), block.get_submodule(spec["mlp_output"])
+        layers[i] = make_layer(block, d_in, d_out)
+        attention_writer, mlp_writer = layers[i].residual_writers(*outputs)
+        _resize(attention_writer, n_out=d_in)
+        _resize(mlp_writer, n_out=d_out)
+    for path in spec.get("positions", []):  # learned position tables add into the first basis
+        positions = model.get_submodule(path)
+        positions.weight = nn.Parameter(torch.zeros(positions.num_embeddings, dims[0]), requires_grad=False)
+    model.set_submodule(spec["final_norm"], WeightlessRMSNorm(d, eps))
+    table = model.get_submodule(spec["embedding"])
+    if spec["tied"]:  # one V x d table, read by a d x d_0 input map and (at full final width) by the head
+        model.set_submodule(spec["embedding"], RotatedEmbedding(table, dims[0]))
+        model.set_submodule(spec["head"], TiedHead(table))
+    else:
+        model.set_submodule(spec["embedding"], nn.Embedding(table.num_embeddings, dims[0]))
+    if not spec["tied"] or final_dim < d:  # a head of its own, reading the last residual's final_dim coordinates
+        model.set_submodule(spec["head"], nn.Linear(final_dim, table.num_embeddings, bias=spec["head_bias"]))
+    model.config.tie_word_embeddings = False
