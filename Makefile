@@ -11,7 +11,7 @@ LAB_PORT ?= 8888
 LAB_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup install books browser test lint book book-fast lab
+.PHONY: setup install books browser test lint book book-fast lab screenshots
 
 setup: install books  ## install everything, then regenerate figures/ on the default model (reduced size)
 	$(PY) -m helpers reproduce
@@ -46,6 +46,9 @@ test: install books browser  ## the import layers, then the whole test suite (wh
 
 lab: install  ## JupyterLab on the lessons, 127.0.0.1:$(LAB_PORT) with its token; more options: make lab LAB_ARGS="--no-browser"
 	$(PY) -m helpers lab --port $(LAB_PORT) -- $(LAB_ARGS)
+
+screenshots: install books browser  ## refresh figures/'s browser screenshots (tests write theirs to temporary folders)
+	$(PY) scripts/refresh_screenshots.py
 
 book: install books  ## execute every lesson (reduced mode) and build the static site into _build/book/_build/html
 	$(PY) -m helpers book --mode reduced
