@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """JupyterLab started by `python -m helpers lab` on copies of lessons 01 and 02: (base URL, token, process)."""
+    """JupyterLab started by `python -m helpers lab` on copies of lessons 01 and 02: (URL, token, process, folder)."""
     pytest.importorskip("playwright.sync_api", reason="playwright (pip) is needed to drive Chromium")
     pytest.importorskip("jupyterlab", reason="jupyterlab (requirements.txt) is what this test opens")
     root = tmp_path_factory.mktemp("lab")
@@ -50,7 +51,7 @@ def lab(tmp_path_factory):
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}", token, process
+        yield f"http://127.0.0.1:{port}", token, process, lessons
     finally:
         process.terminate()
         try:
@@ -62,12 +63,28 @@ def lab(tmp_path_factory):
 
 
 def test_lab_listens_on_localhost_only_and_keeps_its_token(lab):
-    base, _, process = lab
+    base, _, process, _ = lab
     listening = {c.laddr.ip for c in psutil.Process(process.pid).net_connections("inet") if c.status == "LISTEN"}
     assert listening == {"127.0.0.1"}, listening
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{base}/api/sessions", timeout=10)  # no token: refused
     assert refused.value.code == 403
+
+
+def test_saving_a_lesson_through_jupyterlab_writes_its_paired_py(lab):
+    base, token, _, lessons = lab
+    name = LESSON_01_PY.replace(".py", ".ipynb")
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/api/contents/{name}", headers=headers)) as reply:
+        model = json.load(reply)
+    marker = f"marker_{secrets.token_hex(4)} = 1"
+    model["content"]["cells"].append({"cell_type": "code", "source": marker, "metadata": {}, "outputs": []})
+    model["content"]["cells"][-1]["execution_count"] = None
+    body = json.dumps({"type": "notebook", "format": "json", "content": model["content"]}).encode()
+    request = urllib.request.Request(f"{base}/api/contents/{name}", data=body, headers=headers, method="PUT")
+    urllib.request.urlopen(request).close()  # what JupyterLab's save sends
+    paired = jupytext.read(lessons / LESSON_01_PY)  # read back from the .py alone
+    assert paired.cells[-1].source == marker and len(paired.cells) == len(model["content"]["cells"])
 
 
 def kernel_interpreters(process: subprocess.Popen) -> list[str]:
@@ -98,7 +115,7 @@ def wait_until_run(page, timeout_ms: int) -> None:
 def test_lesson_02_runs_in_jupyterlab_and_its_sliders_redraw(lab, chromium_options, screenshot_dir):
     from playwright.sync_api import expect, sync_playwright
 
-    base, token, process = lab
+    base, token, process, _ = lab
     with sync_playwright() as pw:
         browser = pw.chromium.launch(**chromium_options)
         try:
@@ -144,7 +161,7 @@ def test_lesson_02_runs_in_jupyterlab_and_its_sliders_redraw(lab, chromium_optio
 def test_a_jupytext_py_lesson_opens_as_a_notebook(lab, chromium_options):
     from playwright.sync_api import expect, sync_playwright
 
-    base, token, _ = lab
+    base, token, _, lessons = lab
     with sync_playwright() as pw:
         browser = pw.chromium.launch(**chromium_options)
         try:
@@ -154,7 +171,7 @@ def test_a_jupytext_py_lesson_opens_as_a_notebook(lab, chromium_options):
             expect(tab).to_be_visible(timeout=120_000)
             panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
             expect(panel.locator(".jp-MarkdownCell").first).to_contain_text("Hidden states and Layer Redundancy")
-            cells = len(jupytext.read(NOTEBOOKS_DIR / LESSON_01_PY).cells)  # jupytext's own reading of the file
+            cells = len(jupytext.read(lessons / LESSON_01_PY).cells)  # jupytext's own reading of the file
             expect(page.locator("#jp-main-statusbar")).to_contain_text(f"Cell 1/{cells}")
             assert page.locator(".jp-FileEditor:visible").count() == 0, "the .py opened as a text file"
         finally:
