@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -16,12 +17,22 @@ import pytest
 from browser_helpers import free_port, press, readout_values, wait_for_port
 
 from helpers.infra.storage import DATA_DIR, FIGURES_DIR
-from helpers.ui.lab import NOTEBOOKS_DIR, lab_env
+from helpers.ui.lab import NOTEBOOKS_DIR, lab_command, lab_env
 
 LESSON_02 = "02_slice_allocation_sliders.ipynb"
 LESSON_01_PY = "01_hidden_states_and_lr.py"
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+def test_lab_command_binds_localhost_and_lets_the_users_options_win(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000, raising=False)
+    plain = lab_command(9000)
+    assert "--ServerApp.ip=127.0.0.1" in plain and "--ServerApp.port=9000" in plain and "--allow-root" not in plain
+    assert not any("token" in option.lower() for option in plain)  # JupyterLab's own token stays on
+    mine = lab_command(9000, ["--ip=0.0.0.0", "--ServerApp.root_dir=/elsewhere"])
+    assert not [o for o in mine[:-2] if o.startswith(("--ServerApp.ip=", "--ServerApp.root_dir="))]  # each trait once
+    assert mine[-2:] == ["--ip=0.0.0.0", "--ServerApp.root_dir=/elsewhere"] and "--ServerApp.port=9000" in mine
+    monkeypatch.setattr(os, "geteuid", lambda: 0, raising=False)
+    assert "--allow-root" in lab_command(9000)  # JupyterLab refuses to start as root without it
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +73,7 @@ def lab(tmp_path_factory):
         print(log.read_text()[-4000:])  # shown by pytest only when the test fails
 
 
+@pytest.mark.slow
 def test_lab_listens_on_localhost_only_and_keeps_its_token(lab):
     base, _, process, _ = lab
     listening = {c.laddr.ip for c in psutil.Process(process.pid).net_connections("inet") if c.status == "LISTEN"}
@@ -71,6 +83,7 @@ def test_lab_listens_on_localhost_only_and_keeps_its_token(lab):
     assert refused.value.code == 403
 
 
+@pytest.mark.slow
 def test_saving_a_lesson_through_jupyterlab_writes_its_paired_py(lab):
     base, token, _, lessons = lab
     name = LESSON_01_PY.replace(".py", ".ipynb")
@@ -112,6 +125,8 @@ def wait_until_run(page, timeout_ms: int) -> None:
     )
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_lesson_02_runs_in_jupyterlab_and_its_sliders_redraw(lab, chromium_options, screenshot_dir):
     from playwright.sync_api import expect, sync_playwright
 
@@ -158,6 +173,8 @@ def test_lesson_02_runs_in_jupyterlab_and_its_sliders_redraw(lab, chromium_optio
             browser.close()
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_a_jupytext_py_lesson_opens_as_a_notebook(lab, chromium_options):
     from playwright.sync_api import expect, sync_playwright
 
