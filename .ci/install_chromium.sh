@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's Chromium for the browser test (tests/test_browser_sliders.py); Playwright drives it, never downloads one.
+# Debian's Chromium for the browser tests (Voila sliders, JupyterLab, the book); Playwright drives it, never downloads one.
 set -euo pipefail
 if [ ! -x /usr/bin/chromium ]; then
     apt-get update

@@ -637,6 +637,29 @@ def run_book(args: argparse.Namespace) -> int:
     return 1 if any(report.errors.values()) else 0
 
 
+def _lab_args(p: argparse.ArgumentParser) -> None:
+    from helpers.ui.lab import DEFAULT_PORT
+
+    p.add_argument("--port", type=positive_int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument(
+        "jupyter_args",
+        nargs=argparse.REMAINDER,
+        help="JupyterLab options after `--`, e.g. -- --no-browser --IdentityProvider.token=''",
+    )
+
+
+@command("lab", _lab_args)
+def run_lab(args: argparse.Namespace) -> int:
+    """Start JupyterLab on the lessons (127.0.0.1 only, JupyterLab's token kept); it prints the URL to open."""
+    from helpers.ui.lab import lab_command, lab_env
+
+    extra = args.jupyter_args[1:] if args.jupyter_args[:1] == ["--"] else args.jupyter_args
+    command = lab_command(args.port, extra)
+    print(f"JupyterLab on http://127.0.0.1:{args.port}/lab (the URL with its token follows); Ctrl-C stops it.")
+    sys.stdout.flush()
+    os.execve(command[0], command, lab_env())  # JupyterLab replaces this process: Ctrl-C goes straight to it
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser for `argv`: every command is listed, only the one `argv` names gets its arguments.
 

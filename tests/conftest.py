@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,12 @@ def chromium_options() -> dict:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run this test")
     return {"executable_path": str(CHROMIUM), "args": CHROMIUM_ARGS}
+
+
+@pytest.fixture
+def screenshot_dir(tmp_path) -> Path:
+    """Where a browser test saves its screenshots: its own temporary folder, never figures/.
+
+    Only scripts/refresh_screenshots.py points HELPERS_SCREENSHOTS_DIR at figures/ to refresh the committed ones.
+    """
+    return Path(os.environ.get("HELPERS_SCREENSHOTS_DIR") or tmp_path)

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
 
-from helpers.infra.storage import FIGURES_DIR, atomic_path
-from helpers.ui.book import BOOK_DIR, DOCS_DIR, DOCS_PAGES, build, gallery_page, lesson_paths, results_page
+from helpers.ui.book import (
+    BOOK_DIR,
+    DOCS_DIR,
+    DOCS_PAGES,
+    build,
+    gallery_page,
+    jupyter_book,
+    lesson_paths,
+    results_page,
+)
 
 LESSONS = [path.stem for path in lesson_paths()]
 REFERENCE_PAGES = ["index", *DOCS_PAGES, "results", "gallery"]
@@ -81,14 +90,55 @@ def internal_targets(hrefs: list[str]) -> list[Path]:
     return [Path(unquote(urlparse(h).path)) for h in hrefs if urlparse(h).scheme == "file"]
 
 
+def offline_page(browser, viewport: dict):
+    """A page that can load file:// URLs only: every other request (a CDN's MathJax, say) is refused."""
+    context = browser.new_context(viewport=viewport)
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort())
+    return context.new_page()
+
+
+def typeset_math(page) -> tuple[int, int]:
+    """(formulas on the page, formulas MathJax has typeset), once MathJax has finished; 0 typeset if it never loaded."""
+    loaded = page.evaluate(
+        "async () => { const s = window.MathJax && MathJax.startup;"
+        " if (!s || !s.promise) return false; await s.promise; return true; }"
+    )
+    formulas = page.locator(".math").count()
+    return formulas, page.locator(".math mjx-container").count() if loaded else 0
+
+
+@pytest.mark.browser
+def test_equations_render_offline_in_chromium(tmp_path, chromium_options):
+    """A one-page book built with the committed _config.yml: its formulas are typeset with no network at all."""
+    pytest.importorskip("jupyter_book", reason="jupyter-book (requirements-dev.txt) builds the book")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is needed to drive Chromium")
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy2(BOOK_DIR / "_config.yml", src / "_config.yml")
+    (src / "_toc.yml").write_text("format: jb-book\nroot: index\n")
+    (src / "index.md").write_text(
+        "# Math\n\nThe states $x_0, \\dots, x_L$ and\n\n$$\\mathrm{LR}_i = \\cos(x_i, x_{i+1})$$\n"
+    )
+    jupyter_book(src, tmp_path)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(**chromium_options)
+        try:
+            page = offline_page(browser, {"width": 900, "height": 600})
+            page.goto((tmp_path / "_build" / "html" / "index.html").as_uri())
+            assert typeset_math(page) == (2, 2)
+            assert "\\cos" not in page.locator("main").inner_text()  # no formula left as LaTeX source
+        finally:
+            browser.close()
+
+
 @pytest.mark.slow
 @pytest.mark.browser
-def test_book_in_chromium(book, chromium_options):
+def test_book_in_chromium(book, chromium_options, screenshot_dir):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is needed to drive Chromium")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(**chromium_options)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = offline_page(browser, {"width": 1280, "height": 900})  # the book is read without internet
             for name in LESSONS + REFERENCE_PAGES:
                 path = book.html / f"{name}.html"
                 response = page.goto(path.as_uri())
@@ -97,6 +147,8 @@ def test_book_in_chromium(book, chromium_options):
                 shown = main.evaluate("m => [...m.querySelectorAll('img')].filter(i => i.naturalWidth > 0).length")
                 if name in LESSONS:
                     assert shown >= 1, f"{name}: no rendered figure"
+                formulas, typeset = typeset_math(page)
+                assert typeset == formulas, f"{name}: {formulas - typeset} of {formulas} formulas shown as LaTeX source"
                 errors = main.locator(".traceback, .output.error")
                 text = main.inner_text()
                 assert errors.count() == 0 and "Traceback (most recent call last)" not in text, name
@@ -108,8 +160,7 @@ def test_book_in_chromium(book, chromium_options):
                 broken = [str(t) for t in internal_targets(hrefs) if not t.exists()]
                 assert not broken, f"{name}: broken internal links {broken}"
             page.goto((book.html / "index.html").as_uri())
-            with atomic_path(FIGURES_DIR / "book_index.png") as tmp:
-                page.screenshot(path=str(tmp), full_page=False)
+            page.screenshot(path=str(screenshot_dir / "book_index.png"), full_page=False)
         finally:
             browser.close()
 

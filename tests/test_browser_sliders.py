@@ -3,38 +3,17 @@
 from __future__ import annotations
 
 import os
-import re
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
+from browser_helpers import free_port, press, readout_values, wait_for_port
 
-from helpers.infra.storage import DATA_DIR, FIGURES_DIR, REPO_ROOT, atomic_path
+from helpers.infra.storage import DATA_DIR, REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "02_slice_allocation_sliders.ipynb"
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"voila exited with code {process.returncode} before serving")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"voila did not listen on port {port} within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -61,20 +40,7 @@ def voila_url(tmp_path_factory):
         print(log.read_text()[-3000:])  # shown by pytest only when the test fails
 
 
-def readout_values(text: str) -> tuple[float, float, float]:
-    """(realised mean, requested SP, requested SB) parsed from the app's readout."""
-    found = re.search(r"realised mean slice: ([\d.]+) \(requested SP ([\d.]+), SB ([\d.]+)", text)
-    assert found, f"readout not understood: {text!r}"
-    return tuple(float(v) for v in found.groups())
-
-
-def press(page, handle, key: str, times: int) -> None:
-    handle.focus()
-    for _ in range(times):
-        page.keyboard.press(key)
-
-
-def test_sliders_redraw_the_figure_in_chromium(voila_url, chromium_options):
+def test_sliders_redraw_the_figure_in_chromium(voila_url, chromium_options, screenshot_dir):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:
@@ -100,8 +66,7 @@ def test_sliders_redraw_the_figure_in_chromium(voila_url, chromium_options):
             page.wait_for_timeout(500)  # the image widget's new value arrives with the readout's
             after = image.screenshot()
             assert after != before, "the figure did not change after moving SP and SB"
-            with atomic_path(FIGURES_DIR / "sliders_voila.png") as tmp:
-                page.screenshot(path=str(tmp), full_page=True)
+            page.screenshot(path=str(screenshot_dir / "sliders_voila.png"), full_page=True)
 
             press(page, handles.nth(0), "Home", 1)  # SP to 0: SB must follow it down
             expect(readout).to_contain_text("requested SP 0.00, SB 0.00", timeout=30_000)

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from helpers.infra.progress import progress_bar
 from helpers.models.adapters import get_adapter
 from helpers.models.hooks import forward_hooks, layer_input, layer_output
 
@@ -97,7 +97,7 @@ def stream_statistics(
 
     starts = range(0, input_ids.shape[0], batch_size)
     with torch.inference_mode(), layer_hooks(model, feed):
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
             ids = input_ids[start : start + batch_size].to(device)
             batch_mask = mask_all[start : start + batch_size].to(device)
             am = None if attention_mask is None else attention_mask[start : start + batch_size].long().to(device)

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask
 
 from helpers.analysis.block_scores import BlockScores
 from helpers.analysis.capture import layer_hooks
 from helpers.compression.depth import remove_layers, renumber_layers
 from helpers.infra.integrity import discard, tensor_fingerprint
+from helpers.infra.progress import progress_bar
 from helpers.infra.storage import CACHE_DIR, atomic_path, cache_key
 from helpers.models.adapters import get_adapter
 from helpers.models.hooks import layer_output
@@ -71,7 +71,7 @@ def capture_block_pairs(
         tmp.mkdir()
         with torch.inference_mode(), layer_hooks(model, keep):
             for k, first in enumerate(
-                tqdm(range(0, len(input_ids), batch_size), desc="block pairs", disable=not progress)
+                progress_bar(range(0, len(input_ids), batch_size), desc="block pairs", disable=not progress)
             ):
                 backbone(input_ids=input_ids[first : first + batch_size].to(device), use_cache=False)
                 torch.save(dict(pair), tmp / f"pairs_{k:05d}.pt")
@@ -272,7 +272,7 @@ def _fit(
 ) -> None:
     """Minimise the MSE between `runner(x_in)` and x_out over the training shards, epoch after epoch."""
     history, step = stopper.history, 0
-    bar = tqdm(total=max_steps, desc=f"train {history['kind']}", disable=not progress)
+    bar = progress_bar(total=max_steps, desc=f"train {history['kind']}", disable=not progress)
     while step < max_steps and not history["stopped_early"]:
         for x_in, x_out in iter_pairs(train_dir):
             loss = (runner(x_in.to(device)) - x_out.to(device)).pow(2).mean()

@@ -42,7 +42,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from helpers.compression import allocation
@@ -56,6 +55,7 @@ from helpers.infra.integrity import (
     verify_checksums,
 )
 from helpers.infra.memory import release_freed_memory
+from helpers.infra.progress import progress_bar
 from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
 from helpers.models.hooks import forward_hooks, layer_input
@@ -540,7 +540,7 @@ def _rotate_and_slice(
     make_rotation_invariant(model)
     calib = _Calibration(ActivationStore(store), torch.eye(d, dtype=torch.float64), pick_device(device), damping, info)
     basis_0 = first_basis(model, calib, batches, dims[0])
-    for i in tqdm(range(n_layers), desc="slice", unit="layer", disable=not progress):
+    for i in progress_bar(range(n_layers), desc="slice", unit="layer", disable=not progress):
         d_out = dims[i + 1] if i + 1 < n_layers else final_dim
         slice_layer(adapter, adapter.layers(model)[i], i, d_out, calib, layer_kwargs[i])
         release_freed_memory()  # else glibc keeps each layer's freed activations and the resident set creeps up

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from helpers.evaluation.stats import Interval, perplexity_interval
+from helpers.infra.progress import progress_bar
 from helpers.infra.textdata import load_windows
 
 
@@ -54,7 +54,7 @@ def perplexity_on_ids(
     window_nll: list[float] = []
     starts = range(0, input_ids.shape[0], batch_size)
     with torch.no_grad():
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
             ids = input_ids[start : start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             targets = ids[:, 1:]

@@ -22,11 +22,11 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from helpers.compression.checkpoints import load_model
 from helpers.infra.integrity import cpu_model
 from helpers.infra.memory import peak_memory_mb, reset_peak_memory
+from helpers.infra.progress import progress_bar
 from helpers.infra.storage import markdown_table
 from helpers.models.adapters import get_adapter
 from helpers.models.loading import pick_device
@@ -232,7 +232,7 @@ def product_rates(
 
     labels, samples = list(work), []
     with torch.no_grad():
-        for repeat in tqdm(range(-1, repeats), desc=f"products {dtype}", unit="round", disable=not progress):
+        for repeat in progress_bar(range(-1, repeats), desc=f"products {dtype}", unit="round", disable=not progress):
             for label in _round_order(labels, repeat):
                 seconds = timed(functools.partial(run, work[label]), device)[1]
                 if repeat >= 0:  # round -1 is the warm-up
@@ -421,7 +421,7 @@ def interleaved_benchmark(
             workers[label] = Worker(source, dtype, threads, device, mode)
         labels = list(workers)
         steps = [(w, r) for w in workloads for r in range(-1, repeats)]
-        for workload, repeat in tqdm(steps, desc=f"speed {dtype} {mode}", unit="round", disable=not progress):
+        for workload, repeat in progress_bar(steps, desc=f"speed {dtype} {mode}", unit="round", disable=not progress):
             for label in _round_order(labels, repeat):
                 result = workers[label].request(workload.kind, workload.batch, workload.length, workload.new_tokens)
                 if repeat >= 0:  # round -1 is the warm-up

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from helpers.evaluation.tasks import Question, load_task
+from helpers.infra.progress import progress_bar
 from helpers.infra.textdata import bos_id
 from helpers.models.adapters import get_adapter
 
@@ -86,7 +86,7 @@ def score_rows(model, rows: list[tuple[list[int], int]], batch_size: int = 8, de
     max_len = _max_len(model)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     scores = np.zeros(len(rows))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    for start in progress_bar(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start : start + batch_size]
         inputs = [rows[i][0][:-1][-max_len:] for i in idx]  # the last token is only ever a target
         ids, mask = _pad(inputs, max(map(len, inputs)), device)
@@ -151,7 +151,7 @@ def score_rows_shared(
     backbone, head = adapter.backbone(model), adapter.head(model)
     device = next(model.parameters()).device
     scores = np.zeros(len(rows))
-    for start in tqdm(range(0, len(packs), batch_size), desc=desc, unit="batch", leave=False):
+    for start in progress_bar(range(0, len(packs), batch_size), desc=desc, unit="batch", leave=False):
         _score_packs(backbone, head, packs[start : start + batch_size], rows, scores, device)
     if too_long:
         scores[too_long] = score_rows(model, [rows[i] for i in too_long], batch_size, desc)

@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from helpers.analysis.block_scores import BlockScores, block_scores
 from helpers.analysis.redundancy import layer_redundancy
@@ -41,6 +40,7 @@ from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
 from helpers.evaluation.zeroshot import evaluate
 from helpers.experiments.results import CellCache
 from helpers.infra.integrity import code_fingerprint
+from helpers.infra.progress import progress_bar
 from helpers.infra.storage import DATA_DIR, markdown_table
 from helpers.infra.textdata import load_split
 from helpers.models.adapters import get_adapter
@@ -256,7 +256,7 @@ def compare(settings: CompareSettings = CompareSettings(), progress: bool = True
     model, tokenizer, ctx = _context(settings, progress)
     speed_ids = ctx["calib_ids"][:2]
     cells = {}
-    for name in tqdm(VARIANTS, desc="variants", disable=not progress):
+    for name in progress_bar(VARIANTS, desc="variants", disable=not progress):
         params = dict(settings=asdict(settings), variant=name, plan=ctx["plan"], code=code)
 
         def compute(name=name) -> dict:

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from helpers.analysis.redundancy import cached_layer_redundancy
 from helpers.compression.allocation import ModelShape, allocate, matched_sp, sliced_param_count
@@ -51,6 +50,7 @@ from helpers.experiments.results import CellCache, Manifest
 from helpers.experiments.sweeps import sb_values
 from helpers.infra import storage
 from helpers.infra.integrity import code_fingerprint
+from helpers.infra.progress import progress_bar
 from helpers.infra.storage import DATA_DIR, FIGURES_DIR, cache_key, markdown_table, slug, write_text_atomic
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, bos_id, load_split, load_windows
 from helpers.models.loading import DEFAULT_MODEL, model_label, pick_device
@@ -253,7 +253,7 @@ def sweep(lab: Lab, cache: CellCache | None = None) -> pd.DataFrame:
     """Dense plus every (SP, SB) cell, computed or read from the cache; one flat row per cell."""
     s, cache = lab.settings, cache or CellCache("sweep")
     rows = []
-    for sp, sb in tqdm(sweep_cells(s), desc="sweep cells", unit="cell", disable=not lab.progress):
+    for sp, sb in progress_bar(sweep_cells(s), desc="sweep cells", unit="cell", disable=not lab.progress):
         result = cell_result(lab, cache, sp, sb)
         if sb is None:
             rows.append({"method": "dense", "sp": 0.0, "sb": 0.0, "sliced_sp": 0.0, "realised_slice": 0.0, **result})

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from helpers.compression import rules
 from helpers.compression.allocation import ModelShape
@@ -27,6 +26,7 @@ from helpers.experiments.readings import read_rules_table, read_sb_selection
 from helpers.experiments.reproduce import Lab, Settings, cell_result, flatten, sweep, write_table
 from helpers.experiments.results import CellCache, Manifest
 from helpers.infra.integrity import code_fingerprint
+from helpers.infra.progress import progress_bar
 from helpers.infra.storage import markdown_table, write_text_atomic
 from helpers.models.loading import model_label
 from helpers.ui import plots
@@ -85,7 +85,7 @@ def rules_cells(lab: Lab, sps: tuple[float, ...], cache: CellCache | None = None
         if lab.progress:
             print(f"allocation rules at SP {sp:g}: per-layer scores (gradient and measured sensitivity take longest)")
         scores[sp] = layer_scores(lab, sp, cache)
-        for rule in tqdm(rules.RULES, desc=f"rules at SP {sp:g}", unit="rule", disable=not lab.progress):
+        for rule in progress_bar(rules.RULES, desc=f"rules at SP {sp:g}", unit="rule", disable=not lab.progress):
             dims = rules.rule_dims(rule, shape, sp, scores[sp], eigenvalues)
             row = {"rule": rule, "sp": sp, "dims": " ".join(str(int(d)) for d in dims)}
             row["energy"] = rules.kept_energy(eigenvalues, dims)

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from helpers.compression.ledger import ledger_totals, parameter_ledger
 from helpers.compression.slicing import allocation_dims, rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
+from helpers.infra.progress import progress_bar
 
 
 def best_dynamic(table: pd.DataFrame, score: str) -> pd.DataFrame:
@@ -58,7 +58,7 @@ def sb_sweep(
     """
     d = model.config.hidden_size
     rows = []
-    for sb in tqdm(sb_values(sp, step), desc=f"SB sweep (SP={sp})", unit="SB", disable=not progress):
+    for sb in progress_bar(sb_values(sp, step), desc=f"SB sweep (SP={sp})", unit="SB", disable=not progress):
         dims = allocation_dims(lr, sp, sb, d)
         sliced = copy.deepcopy(model)
         rotate_and_slice(sliced, calib_ids, dims, tied=tied, batch_size=batch_size, progress=False)

@@ -101,7 +101,7 @@ def _figure_sections(folder: Path, link: str, level: str) -> list[str]:
             settings = f": {params}" if params else ""  # a step without parameters says none
             lines += [f"Step `{entry.get('step')}`, written {entry.get('written')}{machine}{settings}.", ""]
         else:
-            lines += ["Not in the manifest (written by a browser test, not by `reproduce`).", ""]
+            lines += ["Not in the manifest (a `make screenshots` screenshot or a benchmark script's figure).", ""]
     return lines
 
 
@@ -182,6 +182,16 @@ def stage(src: Path, mode: str, figures: Path = FIGURES_DIR) -> BuildReport:
     return report
 
 
+def jupyter_book(src: Path, out: Path) -> None:
+    """Build the staged sources in `src` (with their _config.yml) by Jupyter Book into `out`/_build/html."""
+    cli = "from jupyter_book.cli.main import main; main()"  # the package has no __main__
+    done = subprocess.run(
+        [sys.executable, "-c", cli, "build", str(src), "--path-output", str(out)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
 def build(mode: str = "reduced", out: Path = DEFAULT_OUT, figures: Path = FIGURES_DIR) -> BuildReport:
     """Execute the lessons in `mode`, stage everything under `out` and build the HTML site into `out/_build/html`."""
     if mode not in MODES:
@@ -190,11 +200,7 @@ def build(mode: str = "reduced", out: Path = DEFAULT_OUT, figures: Path = FIGURE
         tmp.mkdir(parents=True)
         report = stage(tmp / "src", mode, figures)
         start = time.perf_counter()
-        cli = "from jupyter_book.cli.main import main; main()"  # the package has no __main__
-        command = [sys.executable, "-c", cli, "build", str(tmp / "src"), "--path-output", str(tmp)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        jupyter_book(tmp / "src", tmp)
         report.seconds["jupyter-book"] = time.perf_counter() - start
-        if done.returncode != 0:
-            raise RuntimeError(f"jupyter-book build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     report.html = out / "_build" / "html"
     return report
