@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from helpers.compression.allocation import DEFAULT_FS_MAX, DEFAULT_MULTIPLE, SIZES
 from helpers.evaluation.tasks import PAPER_TASKS
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT
 from helpers.models.loading import DEFAULT_MODEL
@@ -206,8 +207,15 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=Path, required=True, help="LR CSV written by `helpers lr` (column lr)")
     p.add_argument("--sp", type=fraction, required=True, help="target mean slice fraction, e.g. 0.3")
     p.add_argument("--sb", type=fraction, required=True, help="base slice every layer gets, 0 <= SB <= SP")
-    p.add_argument("--fs-max", type=fraction, default=0.95, help="largest slice any layer may get")
-    p.add_argument("--multiple", type=positive_int, default=8, help="kept dimensions are multiples of this (1: none)")
+    p.add_argument("--fs-max", type=fraction, default=DEFAULT_FS_MAX, help="largest slice any layer may get")
+    p.add_argument("--multiple", type=positive_int, default=DEFAULT_MULTIPLE, help="kept dims' multiple (1: none)")
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default=SIZES[0],
+        help="matched: at the SP that holds constant slicing's parameter count (as `slice` and the gallery); "
+        "nominal: at SP itself",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="model whose config gives d and the parameter count")
     _out_args(p, None, "CSV path (default data/runs/alloc_SP_SB.csv)")
     p.add_argument("--plot", nargs="?", const=True, default=None, help="also write Figure 1 (PNG+SVG); optional path")
@@ -216,7 +224,13 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
 @command("allocate", _allocate_args)
 def run_allocate(args: argparse.Namespace) -> int:
     """Per-layer slice fractions and kept dimensions from LR scores for a mean slice SP and base slice SB."""
-    from helpers.compression.allocation import ModelShape, allocate, allocation_table, param_summary, read_lr_csv
+    from helpers.compression.allocation import (
+        ModelShape,
+        allocation_table,
+        layer_allocation,
+        param_summary,
+        read_lr_csv,
+    )
     from helpers.infra.storage import RUNS_DIR, figure_stem, write_csv_atomic
     from helpers.ui import plots
 
@@ -224,11 +238,13 @@ def run_allocate(args: argparse.Namespace) -> int:
     lr = read_lr_csv(args.lr)
     if lr.size != shape.n_layers:
         raise ValueError(f"{args.lr} has {lr.size} layers but {args.model} has {shape.n_layers}; pass --model.")
-    alloc = allocate(lr, args.sp, args.sb, shape.hidden_size, args.fs_max, args.multiple)
+    alloc = layer_allocation(lr, args.sp, args.sb, shape, args.size, fs_max=args.fs_max, multiple=args.multiple)
     out = args.out or RUNS_DIR / f"alloc_sp{args.sp:g}_sb{args.sb:g}.csv"
     write_csv_atomic(allocation_table(alloc), out)
     counts = param_summary(shape, alloc.kept_dim)
     print(f"requested mean slice SP={args.sp:g} (SB={args.sb:g}); realised mean slice {alloc.realised_mean:.5f}")
+    if alloc.sp != args.sp:
+        print(f"sliced at SP={alloc.sp:.5f}: constant slicing's parameter count at SP={args.sp:g} (--size matched)")
     print(f"kept dims (d={shape.hidden_size}): {alloc.kept_dim.tolist()}")
     print(
         f"parameters: dense {counts['dense']:,} -> sliced {counts['sliced']:,} "
@@ -286,6 +302,13 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--sp", type=fraction, required=True, help="mean slice fraction, e.g. 0.3")
     p.add_argument("--sb", type=fraction, default=None, help="base slice (default SP: constant slicing)")
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default=SIZES[0],
+        help="matched: dynamic slicing holds constant slicing's parameter count at SP (the gallery's rows); "
+        "nominal: its mean slice is SP",
+    )
     p.add_argument("--calib", default=CALIB_TEXT, help="text name or .txt file for calibration")
     p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--calib-windows", type=positive_int, default=64)
@@ -310,22 +333,24 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
 @command("slice", _slice_args)
 def run_slice(args: argparse.Namespace) -> int:
     """Slice a model (constant when SB = SP, dynamic by Layer Redundancy otherwise) and save it."""
+    from helpers.compression.allocation import ModelShape, constant_dims, layer_allocation
     from helpers.compression.checkpoints import load_model
     from helpers.compression.ledger import ledger_totals, parameter_ledger
-    from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+    from helpers.compression.slicing import rotate_and_slice, save_sliced
     from helpers.infra.textdata import load_windows
 
     sb = args.sp if args.sb is None else args.sb
     model, tokenizer = load_model(args.model, device="cpu")
     dense = ledger_totals(parameter_ledger(model))["total"]
+    shape = ModelShape.from_config(model.config)
     if sb == args.sp:
-        dims = constant_dims(model, args.sp)
+        dims = [int(d) for d in constant_dims(shape, args.sp)]
     else:
         from helpers.analysis.redundancy import cached_layer_redundancy
 
         lr_text = args.lr_text or args.calib
         lr = cached_layer_redundancy(args.model, lr_text, args.calib_seqlen, args.calib_windows, args.batch_size)
-        dims = allocation_dims(lr["lr"].to_numpy(), args.sp, sb, model.config.hidden_size)
+        dims = [int(d) for d in layer_allocation(lr["lr"].to_numpy(), args.sp, sb, shape, args.size).kept_dim]
     calib = load_windows(tokenizer, args.calib, args.calib_seqlen, args.calib_windows)
     tied = {"auto": None, "tied": True, "untied": False}[args.layout]
     info = rotate_and_slice(

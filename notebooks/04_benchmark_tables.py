@@ -137,7 +137,7 @@ display(Markdown(read_results_table(table, tasks, settings.limit, **reading_inte
 best = best_dynamic(cells).set_index("sp")
 sp0 = settings.sps[0]
 sb0 = float(best.loc[sp0, "sb"])
-fig = plots.plot_allocation(lab.allocation(lab.sliced_sp(sp0, sb0), sb0), title=f"SP = {sp0}, SB = {sb0}")
+fig = plots.plot_allocation(lab.allocation(sp0, sb0), title=f"SP = {sp0}, SB = {sb0}")
 # %% [markdown]
 # ## Figures 2-5: accuracy against SB
 #

@@ -61,7 +61,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from helpers.compression import rules
-from helpers.compression.allocation import ModelShape
+from helpers.compression.allocation import ModelShape, budget, constant_dims, params, rounding_step
 from helpers.compression.checkpoints import load_model
 from helpers.evaluation import sensitivity
 from helpers.experiments.readings import read_rules_table, read_sb_selection, read_score_agreement
@@ -85,8 +85,8 @@ print(f"{MODEL}: {shape.n_layers} layers, d = {shape.hidden_size}; {WINDOWS} + {
 # of the budget.
 
 # %%
-target = rules.budget(shape, SP)
-step = rules.rounding_step(shape, rules.constant_dims(shape, SP))
+target = budget(shape, SP)
+step = rounding_step(shape, constant_dims(shape, SP))
 print(f"budget at SP {SP}: {target:,} parameters; one rounding step: {step:,}")
 
 # %% [markdown]
@@ -105,7 +105,7 @@ print(f"budget at SP {SP}: {target:,} parameters; one rounding step: {step:,}")
 #   alone), on windows the PCA never saw.
 
 # %%
-keep = int(rules.constant_dims(shape, SP)[0])
+keep = int(constant_dims(shape, SP)[0])
 spectra = sensitivity.full_spectra(model, calib)
 scores = sensitivity.layer_scores(model, calib, held_out, keep, spectra)
 plots.plot_rule_scores(scores, f"{MODEL}: per-layer scores at SP {SP}")
@@ -129,8 +129,8 @@ allocations = {rule: rules.rule_dims(rule, shape, SP, scores, spectra) for rule 
 summary = pd.DataFrame(
     {
         "rule": list(allocations),
-        "params": [rules.params(shape, dims) for dims in allocations.values()],
-        "gap_to_budget": [rules.params(shape, dims) - target for dims in allocations.values()],
+        "params": [params(shape, dims) for dims in allocations.values()],
+        "gap_to_budget": [params(shape, dims) - target for dims in allocations.values()],
         "pca_energy_kept": [rules.kept_energy(spectra, dims) for dims in allocations.values()],
         "min_dim": [int(dims.min()) for dims in allocations.values()],
         "max_dim": [int(dims.max()) for dims in allocations.values()],

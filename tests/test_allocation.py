@@ -10,11 +10,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from helpers.compression.allocation import (
+    SIZES,
     ModelShape,
     allocate,
     allocation_table,
     dense_param_count,
     kept_dims,
+    layer_allocation,
     matched_sp,
     param_summary,
     slice_fractions,
@@ -230,15 +232,42 @@ def test_matched_sp_reaches_the_constant_count_within_a_tenth_of_a_percent():
             matched_sp(lr, impossible, 0.1, shape)
 
 
-def test_allocation_dims_honours_multiple_and_matches_allocate():
-    from helpers.compression.slicing import allocation_dims
-
-    lr = np.random.default_rng(3).uniform(0.7, 1.0, 12)
+def test_layer_allocation_sizes_match_constant_count_or_ask_for_sp():
+    """matched: the count of SliceGPT's constant slicing (floor formula written out) within one rounding step;
+    nominal: exactly the paper's formula at SP; SB = SP: constant slicing under both."""
+    shape = ModelShape.from_pretrained("smollm2-135m")
+    lr = np.random.default_rng(3).uniform(0.7, 1.0, shape.n_layers)
+    for sp in (0.3, 0.35, 0.4):  # where (1 - SP) d is not a multiple of 8, so constant slicing rounds down
+        constant = np.full(shape.n_layers, int(np.floor((1 - sp) * shape.hidden_size / 8) * 8))
+        target = int(sliced_param_count(shape, constant)["total"])
+        nominal = layer_allocation(lr, sp, 0.1, shape, "nominal")
+        assert nominal.sp == sp and np.array_equal(nominal.kept_dim, allocate(lr, sp, 0.1, shape.hidden_size).kept_dim)
+        matched = layer_allocation(lr, sp, 0.1, shape)
+        assert matched.sp > sp  # constant slicing rounds down, so the same count needs a larger mean slice
+        assert abs(int(sliced_param_count(shape, matched.kept_dim)["total"]) - target) <= 1e-3 * target
+        for size in SIZES:
+            assert np.array_equal(layer_allocation(lr, sp, sp, shape, size).kept_dim, constant)
     for multiple in (1, 8, 32):
-        dims = allocation_dims(lr, 0.3, 0.1, 576, multiple=multiple)
-        assert dims == allocate(lr, 0.3, 0.1, 576, multiple=multiple).kept_dim.tolist()
-        assert all(d % multiple == 0 for d in dims)
-    assert allocation_dims(lr, 0.3, 0.1, 576, multiple=1) != allocation_dims(lr, 0.3, 0.1, 576, multiple=32)
+        dims = layer_allocation(lr, 0.3, 0.1, shape, multiple=multiple).kept_dim
+        assert np.all(dims % multiple == 0)
+    with pytest.raises(ValueError, match="size must be one of"):
+        layer_allocation(lr, 0.3, 0.1, shape, "exact")
+
+
+def test_matched_size_holds_on_a_tiny_model_within_one_rounding_step():
+    """A tiny model's one-multiple step exceeds 0.1% of its count: matching still succeeds, within that step."""
+    shape = ModelShape.from_config(tiny_model("llama").config)
+    lr = np.random.default_rng(0).random(shape.n_layers)
+    dims = layer_allocation(lr, 0.3, 0.0, shape).kept_dim
+
+    def count(kept: np.ndarray) -> int:
+        return int(sliced_param_count(shape, kept)["total"])
+
+    target = count(np.full(shape.n_layers, int(0.7 * shape.hidden_size) // 8 * 8))
+    grown = [dims + 8 * (np.arange(shape.n_layers) == i) for i in range(shape.n_layers) if dims[i] < shape.hidden_size]
+    steps = [abs(count(g) - count(dims)) for g in grown]
+    assert min(steps) > 1e-3 * target  # the old 0.1% tolerance could not be met here
+    assert abs(count(dims) - target) <= max(steps)
 
 
 def test_best_dynamic_never_picks_constant():

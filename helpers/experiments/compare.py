@@ -6,7 +6,8 @@ one layer) layers for ShortGPT and LLM-Streamline, and for the hybrid (the
 dynamic-slicing paper's future work) the k = n // 2 layers with the lowest
 Block Influence are removed first and the remaining layers are sliced
 dynamically by their recomputed LR, with the slice fraction searched so that
-the total matches. Each variant is built from a fresh copy of the dense model,
+the total matches (`allocation.layer_allocation`, the one size matching of
+every slicing row). Each variant is built from a fresh copy of the dense model,
 evaluated (perplexity, zero-shot accuracy, stability against the dense model,
 forward speed), and cached as one cell, so an interrupted run resumes.
 Parameter counts are realised (unique tensors counted once, the ledger's total; the ledger itself
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import gc
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -28,11 +29,11 @@ from tqdm.auto import tqdm
 
 from helpers.analysis.block_scores import BlockScores, block_scores
 from helpers.analysis.redundancy import layer_redundancy
-from helpers.compression.allocation import ModelShape, dense_param_count, matched_sp, sliced_param_count
+from helpers.compression.allocation import Allocation, ModelShape, budget, dense_param_count, layer_allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.depth import parameter_count, remove_layers
 from helpers.compression.replacement import prune_model
-from helpers.compression.slicing import allocation_dims, constant_dims, slice_model
+from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation import stats
 from helpers.evaluation.perplexity import perplexity
 from helpers.evaluation.speed import prefill_throughput
@@ -95,49 +96,31 @@ def _shape(model: nn.Module):
     return ModelShape.from_config(model.config)
 
 
-def plan(model: nn.Module, scores: BlockScores, lr: np.ndarray, settings: CompareSettings) -> dict:
-    """How many layers each depth method removes, the SP that gives dynamic slicing constant slicing's count,
-    and the hybrid's split: every row matched to constant slicing."""
+def plan(model: nn.Module, scores: BlockScores, settings: CompareSettings) -> dict:
+    """How many layers each depth method removes and the hybrid's split, every row matched to the parameter
+    count of constant slicing at `slice_fraction` (slicing rows reach it through `allocation.layer_allocation`)."""
     shape = _shape(model)
     dense = dense_param_count(shape)["total"]
-    target = sliced_param_count(shape, np.array(constant_dims(model, settings.slice_fraction)))["total"]
+    target = budget(shape, settings.slice_fraction)
     per_layer = parameter_count(get_adapter(model).layers(model)[0])
     n = max(1, round((dense - target) / per_layer))
-    k = max(1, n // 2)
-    hybrid_shape = replace(shape, n_layers=shape.n_layers - k)
-    kept = [i for i in range(len(lr)) if i not in scores.choose("shortgpt", k)]
-    best = None
-    for sp in np.arange(0.01, 0.9, 0.01):  # LR of the kept layers here; the build recomputes it after removal
-        sb = sp * settings.base_slice / settings.slice_fraction
-        dims = allocation_dims(lr[kept], float(sp), float(sb), shape.hidden_size)
-        gap = abs(sliced_param_count(hybrid_shape, np.array(dims))["total"] - target)
-        if best is None or gap < best[0]:
-            best = (gap, float(sp))
-    return dict(
-        dense_params=dense,
-        target_params=target,
-        layer_params=per_layer,
-        n=n,
-        dynamic_sp=matched_sp(lr, target, settings.base_slice, shape),
-        hybrid_k=k,
-        hybrid_sp=round(best[1], 2),
-    )
+    return dict(dense_params=dense, target_params=target, layer_params=per_layer, n=n, hybrid_k=max(1, n // 2))
 
 
-def _sliced(model: nn.Module, dims: list[int], ctx: dict, settings: CompareSettings) -> nn.Module:
-    slice_model(model, ctx["calib_ids"], dims=dims, batch_size=settings.batch_size, progress=False)
-    return model
+def _sliced(model: nn.Module, alloc: Allocation, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    dims = [int(d) for d in alloc.kept_dim]
+    rotate_and_slice(model, ctx["calib_ids"], dims, batch_size=settings.batch_size, progress=False)
+    return model, dict(dims=dims, slice_fraction=alloc.sp)
 
 
 def _constant_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
-    dims = constant_dims(model, settings.slice_fraction)
-    return _sliced(model, dims, ctx, settings), dict(dims=dims)
+    sp = settings.slice_fraction
+    return _sliced(model, layer_allocation(ctx["lr"], sp, sp, _shape(model)), ctx, settings)
 
 
 def _dynamic_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
-    sp = ctx["plan"]["dynamic_sp"]  # matched to constant slicing's count, which rounds every layer down
-    dims = allocation_dims(ctx["lr"], sp, settings.base_slice, model.config.hidden_size)
-    return _sliced(model, dims, ctx, settings), dict(dims=dims, slice_fraction=sp)
+    alloc = layer_allocation(ctx["lr"], settings.slice_fraction, settings.base_slice, _shape(model))
+    return _sliced(model, alloc, ctx, settings)
 
 
 def _shortgpt(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
@@ -167,13 +150,15 @@ def _streamline_replacement(model: nn.Module, ctx: dict, settings: CompareSettin
 
 
 def _hybrid(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
-    """ShortGPT removes the planned layers, then dynamic slicing on the LR of the layers that remain."""
+    """ShortGPT removes the planned layers, then dynamic slicing on the LR of the layers that remain, at the SP
+    that brings the whole model to the planned count."""
     removed = ctx["scores"].choose("shortgpt", ctx["plan"]["hybrid_k"])
     remove_layers(model, removed)
-    sp = ctx["plan"]["hybrid_sp"]
     lr = _lr(model, ctx["calib_ids"], settings.batch_size)
-    dims = allocation_dims(lr, sp, sp * settings.base_slice / settings.slice_fraction, model.config.hidden_size)
-    return _sliced(model, dims, ctx, settings), dict(removed=removed, dims=dims, slice_fraction=sp)
+    target = ctx["plan"]["target_params"]
+    alloc = layer_allocation(lr, settings.slice_fraction, settings.base_slice, _shape(model), target=target)
+    model, info = _sliced(model, alloc, ctx, settings)
+    return model, dict(removed=removed, **info)
 
 
 _BUILDERS = {  # the order of the table's rows
@@ -245,7 +230,7 @@ def _context(settings: CompareSettings, progress: bool) -> tuple[nn.Module, obje
         scores=scores,
         lr=lr,
     )
-    ctx["plan"] = plan(model, scores, lr, settings)
+    ctx["plan"] = plan(model, scores, settings)
     return model, tokenizer, ctx
 
 

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers.analysis.redundancy import cached_layer_redundancy
-from helpers.compression.allocation import ModelShape, allocate, matched_sp, sliced_param_count
+from helpers.compression.allocation import Allocation, ModelShape, layer_allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import ledger_totals, parameter_ledger
 from helpers.compression.slicing import rotate_and_slice, save_sliced
@@ -179,23 +179,15 @@ class Lab:
             s.model, s.calib_text, s.seqlen, s.calib_windows, progress=progress, loaded=(self.model, self.tokenizer)
         )
 
-    def allocation(self, sp: float, sb: float):
-        """The allocation (fractions and kept dimensions) for (SP, SB)."""
-        return allocate(self.lr["lr"].to_numpy(), sp, sb, self.model.config.hidden_size)
-
-    def sliced_sp(self, sp: float, sb: float) -> float:
-        """The SP a cell is sliced at: SP itself for constant slicing, else the SP matching constant's size."""
-        if np.isclose(sb, sp):
-            return sp
-        shape = ModelShape.from_config(self.model.config)
-        target = int(sliced_param_count(shape, self.allocation(sp, sp).kept_dim)["total"])
-        return matched_sp(self.lr["lr"].to_numpy(), target, sb, shape)
+    def allocation(self, sp: float, sb: float) -> Allocation:
+        """The allocation of cell (SP, SB) at constant slicing's parameter count (`allocation.layer_allocation`)."""
+        return layer_allocation(self.lr["lr"].to_numpy(), sp, sb, ModelShape.from_config(self.model.config))
 
     def sliced(self, sp: float, sb: float) -> torch.nn.Module:
         """A freshly sliced copy of the dense model at (SP, SB)."""
         torch.manual_seed(self.settings.seed)
         model = copy.deepcopy(self.model)
-        dims = [int(d) for d in self.allocation(self.sliced_sp(sp, sb), sb).kept_dim]
+        dims = [int(d) for d in self.allocation(sp, sb).kept_dim]
         rotate_and_slice(model, self.calib, dims, progress=False)
         return model
 
@@ -258,10 +250,9 @@ def sweep(lab: Lab, cache: CellCache | None = None) -> pd.DataFrame:
         if sb is None:
             rows.append({"method": "dense", "sp": 0.0, "sb": 0.0, "sliced_sp": 0.0, "realised_slice": 0.0, **result})
             continue
-        sliced_sp = lab.sliced_sp(sp, sb)
-        realised = 1 - float(np.mean(lab.allocation(sliced_sp, sb).kept_dim)) / lab.model.config.hidden_size
+        alloc = lab.allocation(sp, sb)
         method = "constant" if np.isclose(sb, sp) else "dynamic"
-        row = {"method": method, "sp": sp, "sb": sb, "sliced_sp": sliced_sp, "realised_slice": realised}
+        row = {"method": method, "sp": sp, "sb": sb, "sliced_sp": alloc.sp, "realised_slice": alloc.realised_mean}
         rows.append({**row, **result})
     return flatten(rows, s.tasks)
 
@@ -517,9 +508,7 @@ def figures(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> Non
     best = best_dynamic(cells).set_index("sp")
     sp0 = s.sps[0]
     sb0 = float(best.loc[sp0, "sb"]) if sp0 in best.index else 0.0
-    fig = plots.plot_allocation(
-        lab.allocation(lab.sliced_sp(sp0, sb0), sb0), title=f"{s.model}: SP={sp0}, SB={sb0} (best by perplexity)"
-    )
+    fig = plots.plot_allocation(lab.allocation(sp0, sb0), title=f"{s.model}: SP={sp0}, SB={sb0} (best by perplexity)")
     files = plots.save_figure(fig, out / "figure1_allocation")
     manifest.record(files, "figure1", cells=("sweep",), sp=sp0, sb=sb0, **s.cell_params())
     limits = plots.accuracy_limits(cells, list(s.tasks))

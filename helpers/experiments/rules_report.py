@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from helpers.compression import rules
-from helpers.compression.allocation import ModelShape
+from helpers.compression.allocation import ModelShape, constant_dims
 from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation import sensitivity, stats
 from helpers.experiments import sb_selection
@@ -50,7 +50,7 @@ def spectra(lab: Lab, cache: CellCache) -> dict[str, np.ndarray]:
 
 def layer_scores(lab: Lab, sp: float, cache: CellCache) -> pd.DataFrame:
     """Per layer, every rule's score at `sp` (`sensitivity.layer_scores`), cached per SP."""
-    keep = int(rules.constant_dims(ModelShape.from_config(lab.model.config), sp)[0])
+    keep = int(constant_dims(ModelShape.from_config(lab.model.config), sp)[0])
 
     def compute() -> dict:
         table = sensitivity.layer_scores(
@@ -65,7 +65,7 @@ def layer_scores(lab: Lab, sp: float, cache: CellCache) -> pd.DataFrame:
 def rule_cell(lab: Lab, dims: np.ndarray, sp: float, cache: CellCache) -> dict:
     """Measurements of the model sliced to `dims`: the sweep's cell when constant or LR allocate alike."""
     for sb in (sp, rules.BASE_SLICE):  # constant, then LR at the base slice: cells the sweep already has
-        if np.array_equal(dims, lab.allocation(lab.sliced_sp(sp, sb), sb).kept_dim):
+        if np.array_equal(dims, lab.allocation(sp, sb).kept_dim):
             return cell_result(lab, CellCache("sweep"), sp, sb)
 
     def compute() -> dict:
