@@ -299,14 +299,23 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _slice_args(p: argparse.ArgumentParser) -> None:
+    from helpers.evaluation.allocation_rules import BASE_SLICE, RULES
+
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--sp", type=fraction, required=True, help="mean slice fraction, e.g. 0.3")
-    p.add_argument("--sb", type=fraction, default=None, help="base slice (default SP: constant slicing)")
+    p.add_argument("--sb", type=fraction, default=None, help="base slice of a scored rule (without --rule: SP)")
+    p.add_argument(
+        "--rule",
+        choices=list(RULES),
+        default=None,
+        help="allocation rule (helpers/evaluation/allocation_rules.py); default: constant, or lr when --sb < SP. "
+        f"A scored rule's SB defaults to {BASE_SLICE:g}",
+    )
     p.add_argument(
         "--size",
         choices=SIZES,
         default=SIZES[0],
-        help="matched: dynamic slicing holds constant slicing's parameter count at SP (the gallery's rows); "
+        help="matched: a scored rule holds constant slicing's parameter count at SP (the gallery's rows); "
         "nominal: its mean slice is SP",
     )
     p.add_argument("--calib", default=CALIB_TEXT, help="text name or .txt file for calibration")
@@ -315,7 +324,7 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-few-tokens", action="store_true", help="slice even with fewer calibration tokens than the hidden size"
     )
-    p.add_argument("--lr-text", default=None, help="text for Layer Redundancy (default: the calibration text)")
+    p.add_argument("--lr-text", default=None, help="text the rule's scores are measured on (default: --calib)")
     p.add_argument("--layout", choices=["auto", "tied", "untied"], default="auto", help="embedding layout")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default=None, help="device for the current layer (default: CUDA if present)")
@@ -332,25 +341,22 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
 
 @command("slice", _slice_args)
 def run_slice(args: argparse.Namespace) -> int:
-    """Slice a model (constant when SB = SP, dynamic by Layer Redundancy otherwise) and save it."""
-    from helpers.compression.allocation import ModelShape, constant_dims, layer_allocation
+    """Slice a model by an allocation rule (constant, or LR's SP/SB formula when SB < SP, by default) and save it."""
     from helpers.compression.checkpoints import load_model
     from helpers.compression.ledger import ledger_totals, parameter_ledger
     from helpers.compression.slicing import rotate_and_slice, save_sliced
+    from helpers.evaluation.allocation_rules import RuleInputs, rule_dims
     from helpers.infra.textdata import load_windows
 
-    sb = args.sp if args.sb is None else args.sb
+    rule = args.rule or ("constant" if args.sb is None or args.sb == args.sp else "lr")
     model, tokenizer = load_model(args.model, device="cpu")
     dense = ledger_totals(parameter_ledger(model))["total"]
-    shape = ModelShape.from_config(model.config)
-    if sb == args.sp:
-        dims = [int(d) for d in constant_dims(shape, args.sp)]
-    else:
-        from helpers.analysis.redundancy import cached_layer_redundancy
-
-        lr_text = args.lr_text or args.calib
-        lr = cached_layer_redundancy(args.model, lr_text, args.calib_seqlen, args.calib_windows, args.batch_size)
-        dims = [int(d) for d in layer_allocation(lr["lr"].to_numpy(), args.sp, sb, shape, args.size).kept_dim]
+    text = args.lr_text or args.calib
+    inputs = RuleInputs(
+        args.model, text, args.calib_seqlen, args.calib_windows, loaded=(model, tokenizer), progress=True
+    )
+    sb = None if args.rule is None and rule == "constant" else args.sb  # SB = SP without a rule: constant
+    dims = [int(d) for d in rule_dims(rule, inputs, args.sp, sb, args.size)]
     calib = load_windows(tokenizer, args.calib, args.calib_seqlen, args.calib_windows)
     tied = {"auto": None, "tied": True, "untied": False}[args.layout]
     info = rotate_and_slice(
@@ -366,7 +372,7 @@ def run_slice(args: argparse.Namespace) -> int:
     save_sliced(model, tokenizer, args.out)
     params = ledger_totals(parameter_ledger(model))["total"]
     mean_slice = 1 - sum(dims) / (len(dims) * model.config.hidden_size)
-    print(f"dims per layer: {dims}")
+    print(f"rule {rule}; dims per layer: {dims}")
     layout = "tied" if info.tied else "untied"
     print(f"realised mean slice {mean_slice:.4f}; layout {layout}; the head reads {info.final_dim} dimensions")
     print(f"parameters {params:,} (dense {dense:,}; {1 - params / dense:+.2%} removed)")

@@ -206,9 +206,13 @@ def test_slider_callback_updates_image_and_readout(tmp_path):
     assert find_lr_files(tmp_path / "none", tmp_path) == [path, other]  # the cache folder takes any CSV
     app = slider_app([path, other], sp=0.3, sb=0.1)
     before = app.image.value
-    assert "0.300" in app.readout.value
-    app.sp.value = 0.4
-    assert app.image.value != before and "realised-mean'>0.400<" in app.readout.value
+    assert "rule lr, matched size: requested SP 0.30" in app.readout.value
+    app.sp.value = 0.4  # matched (the default): constant slicing's count, SliceGPT's floor written out
+    constant = int(sliced_param_count(shape, np.full(shape.n_layers, int(0.6 * shape.hidden_size) // 8 * 8))["total"])
+    shown = int(app.readout.value.split("parameters: ")[1].split(" of")[0].replace(",", ""))
+    assert app.image.value != before and abs(shown - constant) <= 1e-3 * constant
+    app.size.value = "nominal"
+    assert "realised-mean'>0.400<" in app.readout.value
     app.sp.value = 0.05  # below SB: SB follows down to SP
     assert app.sb.value == pytest.approx(0.05) and app.sb.max == pytest.approx(0.05)
     assert app.last_seconds < 1.0
@@ -216,6 +220,11 @@ def test_slider_callback_updates_image_and_readout(tmp_path):
     app.model.value = app.model.options[1]  # another LR vector: new figure, same SP and SB
     floored = 1 - np.floor(0.95 * shape.hidden_size / 8) * 8 / shape.hidden_size  # SB = SP rounds down (SliceGPT)
     assert app.image.value != shown and f"realised-mean'>{floored:.3f}<" in app.readout.value
+    app.model.value, app.sp.value = app.model.options[0], 0.3
+    app.rule.value = "spare_ends"  # an allocating rule: first and last layer whole
+    assert f"kept dims: {shape.hidden_size}, " in app.readout.value and "rule spare_ends" in app.readout.value
+    app.rule.value = "angular"  # needs the model, and runs/lr_*.csv does not say which windows the LR came from
+    assert "cannot allocate" in app.readout.value and "no text was given" in app.readout.value
 
 
 def test_matched_sp_reaches_the_constant_count_within_a_tenth_of_a_percent():

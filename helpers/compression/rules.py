@@ -1,13 +1,11 @@
-"""Allocation rules: per-layer scores -> per-layer kept dimensions at the parameter budget of constant slicing.
+"""The allocations of the rules that do not go through the SP/SB formula, and rank correlations of scores.
 
-docs/method.md section 6. Every rule returns kept dimensions (multiples of 8) whose parameter count
-is within one rounding step of constant slicing's realised count at the same SP, so that rules are
-compared at the same size. Score-based rules (`lr`, `block_influence`, `angular`, `gradient`,
-`measured`) go through the paper's SP/SB formula at constant slicing's size (`allocation.layer_allocation`,
-"matched"); their scores are oriented "higher = more redundant = slice more".
-`spare_ends` slices every layer alike (up to one multiple) except the first and last, which stay whole. `spectral` keeps
-the most PCA energy for the budget, greedily, on spectra from one full-dimension rotation pass.
-Pure NumPy: the model-dependent scores come from `helpers.evaluation.sensitivity`.
+docs/method.md section 6. Both return kept dimensions (multiples of 8) whose parameter count is within one
+rounding step of constant slicing's realised count at the same SP (`allocation.budget`), so that rules are
+compared at the same size: `spare_ends_dims` slices every layer alike (up to one multiple) except the first
+and last, which stay whole; `spectral_dims` keeps the most PCA energy for the budget, greedily, on spectra
+from one full-dimension rotation pass. The registry of every rule is `helpers.evaluation.allocation_rules`.
+Pure NumPy.
 """
 
 from __future__ import annotations
@@ -21,15 +19,8 @@ from helpers.compression.allocation import (
     DEFAULT_FS_MAX,
     DEFAULT_MULTIPLE,
     ModelShape,
-    budget,
-    constant_dims,
-    layer_allocation,
     params,
 )
-
-SCORED_RULES = ("lr", "block_influence", "angular", "gradient", "measured")  # through the SP/SB formula
-RULES = ("constant", *SCORED_RULES, "spare_ends", "spectral")
-BASE_SLICE = 0.0  # SB of every formula rule: the SB the selection book picks at every SP on SmolLM2
 
 
 def spare_ends_dims(target: int, shape: ModelShape, multiple: int = DEFAULT_MULTIPLE) -> np.ndarray:
@@ -102,34 +93,6 @@ def spectral_dims(
         previous, previous_count = dims, count
         dims, count = best, params(shape, best)
     return previous if abs(previous_count - target) < abs(count - target) else dims
-
-
-def rule_dims(
-    rule: str,
-    shape: ModelShape,
-    sp: float,
-    scores: pd.DataFrame | None = None,
-    spectra: Mapping[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Kept dimensions of `rule` at constant slicing's parameter count at `sp`.
-
-    `scores` has one column per scored rule (higher = more redundant), one row per layer;
-    `spectra` the full-dimension eigenvalues (spectral rule).
-    """
-    if rule not in RULES:
-        raise ValueError(f"Unknown allocation rule {rule!r}; use one of {', '.join(RULES)}.")
-    target = budget(shape, sp)
-    if rule == "constant":
-        return constant_dims(shape, sp)
-    if rule == "spare_ends":
-        return spare_ends_dims(target, shape)
-    if rule == "spectral":
-        if spectra is None:
-            raise ValueError("The spectral rule needs the eigenvalue spectra (sensitivity.full_spectra).")
-        return spectral_dims(spectra, target, shape)
-    if scores is None or rule not in scores.columns:
-        raise ValueError(f"Rule {rule!r} needs a '{rule}' column of per-layer scores.")
-    return layer_allocation(scores[rule].to_numpy(dtype=np.float64), sp, BASE_SLICE, shape).kept_dim
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
