@@ -101,7 +101,7 @@ def _out_args(p: argparse.ArgumentParser, kind: str | None, help: str, required:
 
 def _lr_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
-    p.add_argument("--text", default="gutenberg", help="text name (see textdata.text_sources) or a .txt file")
+    p.add_argument("--text", default=CALIB_TEXT, help="text name (see textdata.text_sources) or a .txt file")
     p.add_argument("--seqlen", type=positive_int, default=256)
     p.add_argument("--windows", type=positive_int, default=32)
     p.add_argument("--batch-size", type=positive_int, default=8)
@@ -126,16 +126,18 @@ def run_lr(args: argparse.Namespace) -> int:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
+    from helpers.compression.replacement import REPLACEMENT_STEPS
+
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--method", choices=("shortgpt", "gromov", "streamline"), default="streamline")
     p.add_argument("--n", type=positive_int, default=4, help="number of layers to remove")
     p.add_argument("--replacement", choices=("none", "ffn", "swiglu", "layer"), default="none")
-    p.add_argument("--calib", default="gutenberg", help="calibration text name or .txt file")
+    p.add_argument("--calib", default=CALIB_TEXT, help="calibration text name or .txt file")
     p.add_argument("--seqlen", type=positive_int, default=256)
     p.add_argument("--windows", type=positive_int, default=32, help="calibration windows for the block scores")
     p.add_argument("--train-windows", type=positive_int, default=32, help="windows to train the replacement on")
     p.add_argument("--val-windows", type=positive_int, default=8, help="held-out windows for early stopping")
-    p.add_argument("--max-steps", type=positive_int, default=400)
+    p.add_argument("--max-steps", type=positive_int, default=REPLACEMENT_STEPS, help="replacement training steps")
     _out_args(p, "pruned", "folder for the pruned model", required=True)
 
 
@@ -174,29 +176,42 @@ def _loss_plot(out: Path) -> Path:
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
+    from helpers.evaluation.allocation_rules import BASE_SLICE
+    from helpers.experiments.presets import SIZES
+
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
-    p.add_argument("--slice-fraction", type=fraction, default=0.25, help="constant slicing's SP; sets the budget")
-    p.add_argument("--windows", type=positive_int, default=32, help="calibration windows")
-    p.add_argument("--task-limit", type=positive_int, default=50, help="questions per zero-shot task")
-    p.add_argument("--eval-windows", type=positive_int, default=16, help="perplexity windows")
-    p.add_argument("--max-steps", type=positive_int, default=300, help="replacement training steps")
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="reduced", help="the reproduce preset the others default to"
+    )
+    p.add_argument("--slice-fraction", type=fraction, default=None, help="constant slicing's SP (default: first SP)")
+    p.add_argument("--sb", type=fraction, default=BASE_SLICE, help="dynamic slicing's base slice")
+    p.add_argument("--windows", type=positive_int, default=None, help="calibration windows")
+    p.add_argument("--task-limit", type=positive_int, default=None, help="questions per zero-shot task")
+    p.add_argument("--eval-windows", type=positive_int, default=None, help="perplexity windows")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="replacement training steps")
 
 
 @command("compare", _compare_args)
 def run_compare(args: argparse.Namespace) -> int:
     """Depth pruning vs slicing at matched parameter counts; writes data/runs/depth_comparison.{csv,md}."""
-    from helpers.experiments.compare import DEPTH_TABLE, CompareSettings, compare
+    import dataclasses
+
+    from helpers.experiments.compare import DEPTH_TABLE, compare
+    from helpers.experiments.presets import SIZES
+    from helpers.experiments.reports import depth_settings
     from helpers.infra.storage import write_table
 
-    settings = CompareSettings(
-        model=args.model,
-        slice_fraction=args.slice_fraction,
-        calib_windows=args.windows,
-        task_limit=args.task_limit,
-        eval_windows=args.eval_windows,
-        max_steps=args.max_steps,
-    )
-    table, _ = compare(settings)
+    preset = SIZES[args.size]
+    chosen = {
+        "model": args.model,
+        "sps": (preset.sps[0] if args.slice_fraction is None else args.slice_fraction,),
+        "calib_windows": args.windows,
+        "limit": args.task_limit,
+        "eval_windows": args.eval_windows,
+        "depth_steps": args.max_steps,
+    }
+    settings = dataclasses.replace(preset, **{k: v for k, v in chosen.items() if v is not None})
+    table, _ = compare(depth_settings(settings, args.sb))
     written = write_table(table, DEPTH_TABLE)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {', '.join(map(str, written))}")
@@ -261,11 +276,13 @@ def run_allocate(args: argparse.Namespace) -> int:
 
 
 def _zeroshot_args(p: argparse.ArgumentParser) -> None:
+    from helpers.evaluation.zeroshot import SCORING_DTYPE
+
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (sliced models too) or Hugging Face id")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated")
     p.add_argument("--limit", type=positive_int, default=None, help="score the first N questions of each task")
     p.add_argument("--batch-size", type=positive_int, default=8, help="(context, option) rows per forward pass")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="scoring precision")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=SCORING_DTYPE, help="scoring precision")
     _out_args(p, None, "JSON path (default data/runs/zeroshot_MODEL.json)")
 
 
@@ -443,7 +460,8 @@ def run_speed(args: argparse.Namespace) -> int:
 
 
 def _reproduce_args(p: argparse.ArgumentParser) -> None:
-    from helpers.experiments.reproduce import EXECUTORS, SIZES
+    from helpers.experiments.executors import EXECUTORS
+    from helpers.experiments.presets import SIZES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="reduced: < 30 min on 2 CPU cores")
@@ -464,7 +482,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     """Regenerate every figure and table (with a manifest) into figures/; resumable."""
     import dataclasses
 
-    from helpers.experiments.reproduce import SIZES, check, reproduce
+    from helpers.experiments.presets import SIZES
+    from helpers.experiments.reproduce import check, reproduce
     from helpers.infra.storage import FIGURES_DIR
 
     settings = dataclasses.replace(SIZES[args.size], model=args.model)
@@ -490,7 +509,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 
 def _rules_args(p: argparse.ArgumentParser) -> None:
-    from helpers.experiments.reproduce import SIZES
+    from helpers.experiments.presets import SIZES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="the reproduce sizes to run at")
@@ -505,7 +524,7 @@ def run_rules(args: argparse.Namespace) -> int:
     """Compare allocation rules at matched size and SB selection rules on unseen data; resumable."""
     import dataclasses
 
-    from helpers.experiments.reproduce import SIZES
+    from helpers.experiments.presets import SIZES
     from helpers.experiments.rules_report import run_rules as run
 
     settings = dataclasses.replace(SIZES[args.size], model=args.model)

@@ -181,8 +181,8 @@ def _rule_row(rule: str, dims: str, ppl: float, correct: list[int]) -> dict:
 
 
 def test_rules_table_verdicts_come_from_the_paired_intervals():
+    from helpers.experiments.cells import flatten
     from helpers.experiments.readings import read_rules_table
-    from helpers.experiments.reproduce import flatten
     from helpers.experiments.rules_report import readme_table, rules_table
 
     rows = [
@@ -279,7 +279,8 @@ def test_slice_sb_gives_the_gallerys_dynamic_row(tiny_folder, tmp_path):
     calibration; `--size nominal` is the paper's formula at SP itself, a different model here."""
     from helpers.cli import main
     from helpers.compression.allocation import allocate
-    from helpers.experiments.reproduce import SIZES, Lab
+    from helpers.experiments.cells import Lab
+    from helpers.experiments.presets import SIZES
     from helpers.infra.textdata import CALIB_TEXT
 
     settings = dataclasses.replace(

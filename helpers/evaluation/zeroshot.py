@@ -34,6 +34,8 @@ from helpers.models.adapters import get_adapter
 
 SCORERS = ("shared", "full")  # shared context + KV cache (default), or one whole forward per row
 
+SCORING_DTYPE = "bfloat16"  # zero-shot scoring precision of every table (the model is built in float32)
+
 
 @dataclass
 class TaskResult:

@@ -38,53 +38,38 @@ from helpers.evaluation import stats
 from helpers.evaluation.perplexity import perplexity
 from helpers.evaluation.speed import prefill_throughput
 from helpers.evaluation.stability import stability
-from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
+from helpers.evaluation.tasks import paper_metric
 from helpers.evaluation.zeroshot import evaluate
 from helpers.experiments.results import CellCache
-from helpers.infra.integrity import code_fingerprint
+from helpers.infra.integrity import code_fingerprint, imported_code
 from helpers.infra.storage import DATA_DIR, markdown_table
 from helpers.infra.textdata import load_split
 from helpers.models.adapters import get_adapter
-from helpers.models.loading import DEFAULT_MODEL
 
 DEPTH_TABLE = DATA_DIR / "runs" / "depth_comparison"  # where the CLI and notebook 05 write the table (CSV + Markdown)
-
-# The modules whose source shapes a comparison cell: a change to any of them computes fresh cells.
-COMPARE_CODE = (
-    "helpers.experiments.compare",
-    "helpers.analysis.block_scores",
-    "helpers.compression.depth",
-    "helpers.compression.replacement",
-    "helpers.evaluation.stability",
-    "helpers.compression.slicing",
-    "helpers.compression.allocation",
-    "helpers.evaluation.perplexity",
-    "helpers.evaluation.zeroshot",
-    "helpers.evaluation.tasks",
-    "helpers.infra.textdata",
-)
 
 
 @dataclass(frozen=True)
 class CompareSettings:
-    """Everything that determines the comparison table (also its cache key)."""
+    """Everything that determines the comparison table (also its cache key); built from the one `Settings` of the
+    tables and figures by `reports.depth_settings`, so that its defaults are the presets'."""
 
-    model: str = DEFAULT_MODEL
-    calib: str = "gutenberg"  # calibration text: block scores, LR, PCA, replacement training
-    seqlen: int = 256
-    calib_windows: int = 32
-    train_windows: int = 32  # replacement training windows, after the calibration ones
+    model: str
+    calib: str  # calibration text: block scores, LR, PCA, replacement training
+    seqlen: int
+    calib_windows: int
+    train_windows: int  # replacement training windows, after the calibration ones
+    slice_fraction: float  # constant slicing's SP; everything else is matched to its parameter count
+    base_slice: float  # SB of dynamic slicing (0 = fully dynamic)
+    max_steps: int  # replacement training steps
+    eval_text: str
+    eval_seqlen: int
+    eval_windows: int
+    tasks: tuple[str, ...]
+    task_limit: int | None
+    dtype: str  # zero-shot scoring precision (building the variants stays float32)
     val_windows: int = 8  # held-out windows for early stopping
-    slice_fraction: float = 0.25  # constant slicing's SP; everything else is matched to its parameter count
-    base_slice: float = 0.15  # SB of dynamic slicing (0 = fully dynamic)
     replacement: str = "ffn"
-    max_steps: int = 300
-    eval_text: str = "twenty-thousand-leagues"  # not in the first calibration windows of "gutenberg"
-    eval_seqlen: int = 256
-    eval_windows: int = 16
-    tasks: tuple[str, ...] = PAPER_TASKS
-    task_limit: int = 50
-    dtype: str = "float32"  # zero-shot scoring precision (building the variants stays float32)
     batch_size: int = 4
 
 
@@ -234,10 +219,10 @@ def _context(settings: CompareSettings, progress: bool) -> tuple[nn.Module, obje
     return model, tokenizer, ctx
 
 
-def compare(settings: CompareSettings = CompareSettings(), progress: bool = True) -> tuple[pd.DataFrame, dict]:
+def compare(settings: CompareSettings, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """Build and evaluate every variant; return the table and the raw cells (with the training history)."""
     cache = CellCache("depth_compare")
-    code = code_fingerprint(*COMPARE_CODE)
+    code = code_fingerprint(*imported_code(__name__))  # this module and all it imports build the cells
     model, tokenizer, ctx = _context(settings, progress)
     speed_ids = ctx["calib_ids"][:2]
     cells = {}

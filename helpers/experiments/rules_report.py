@@ -24,8 +24,10 @@ from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation import allocation_rules, sensitivity, stats
 from helpers.evaluation.allocation_rules import RuleInputs
 from helpers.experiments import sb_selection
+from helpers.experiments.cells import Lab, cell_params, cell_result, flatten, sweep
+from helpers.experiments.presets import Settings
 from helpers.experiments.readings import read_rules_table, read_sb_selection
-from helpers.experiments.reproduce import Lab, Settings, cell_result, flatten, sweep, write_table
+from helpers.experiments.reports import write_table
 from helpers.experiments.results import CellCache, Manifest
 from helpers.infra.integrity import code_fingerprint
 from helpers.infra.storage import markdown_table, write_text_atomic
@@ -35,7 +37,7 @@ from helpers.ui import plots
 
 def _params(settings: Settings, **coordinates) -> dict:
     """Cache key of scores and spectra: the sweep settings plus the code of the rules and their measurements."""
-    return settings.cell_params(scores_code=code_fingerprint(sensitivity, allocation_rules), **coordinates)
+    return cell_params(settings, scores_code=code_fingerprint(sensitivity, allocation_rules), **coordinates)
 
 
 def rule_inputs(lab: Lab, cache: CellCache) -> RuleInputs:
@@ -74,7 +76,7 @@ def rule_cell(lab: Lab, dims: np.ndarray, sp: float, cache: CellCache) -> dict:
         rotate_and_slice(model, lab.calib, [int(d) for d in dims], progress=False)
         return lab.measure(model)
 
-    return cache.get_or_compute(lab.settings.cell_params(kind="dims", dims=[int(d) for d in dims]), compute)
+    return cache.get_or_compute(cell_params(lab.settings, kind="dims", dims=[int(d) for d in dims]), compute)
 
 
 def rules_cells(lab: Lab, sps: tuple[float, ...], cache: CellCache | None = None) -> tuple[pd.DataFrame, dict]:
