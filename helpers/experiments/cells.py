@@ -22,8 +22,8 @@ from helpers.compression.slicing import rotate_and_slice, save_sliced
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.stats import accuracy_se, perplexity_interval
 from helpers.evaluation.tasks import paper_metric
-from helpers.evaluation.zeroshot import evaluate_task, in_dtype
 from helpers.experiments import sweeps
+from helpers.experiments.measure import correct, measure
 from helpers.experiments.presets import Settings
 from helpers.experiments.results import CellCache
 from helpers.experiments.sweeps import sb_values
@@ -64,20 +64,15 @@ class Lab:
     def measure(self, model: torch.nn.Module) -> dict:
         """Parameter count, both perplexities (with each window's NLL) and zero-shot answers of one model."""
         s = self.settings
-        held_out = perplexity_on_ids(model, self.eval, progress=False)
-        scored = in_dtype(model, getattr(torch, s.dtype))
-        tasks = {}
-        for task in s.tasks:
-            r = evaluate_task(scored, self.tokenizer, task, s.task_limit(task))
-            pred = r.pred if paper_metric(task) == "acc" else r.pred_norm
-            tasks[task] = {**r.summary, "correct": (pred == r.labels).astype(int).tolist()}
+        result = measure(model, self.tokenizer, self.eval, {t: s.task_limit(t) for t in s.tasks}, s.dtype)
+        held_out = result.perplexity
         return {
             "params": ledger_totals(parameter_ledger(model))["total"],
             "ppl_select": perplexity_on_ids(model, self.select, progress=False).perplexity,
             "ppl_eval": held_out.perplexity,
             "eval_window_nll": list(held_out.window_nll),
             "eval_window_tokens": list(held_out.window_tokens),
-            "tasks": tasks,
+            "tasks": {task: {**r.summary, "correct": correct(r)} for task, r in result.tasks.items()},
         }
 
 

@@ -35,15 +35,14 @@ from helpers.compression.depth import parameter_count, remove_layers
 from helpers.compression.replacement import prune_model
 from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation import stats
-from helpers.evaluation.perplexity import perplexity
 from helpers.evaluation.speed import prefill_throughput
 from helpers.evaluation.stability import stability
 from helpers.evaluation.tasks import paper_metric
-from helpers.evaluation.zeroshot import evaluate
+from helpers.experiments.measure import measure, per_character_scores
 from helpers.experiments.results import CellCache
 from helpers.infra.integrity import code_fingerprint, imported_code
 from helpers.infra.storage import DATA_DIR, markdown_table
-from helpers.infra.textdata import load_split
+from helpers.infra.textdata import load_split, load_windows
 from helpers.models.adapters import get_adapter
 
 DEPTH_TABLE = DATA_DIR / "runs" / "depth_comparison"  # where the CLI and notebook 05 write the table (CSV + Markdown)
@@ -167,30 +166,18 @@ def build_variant(name: str, dense: nn.Module, ctx: dict, settings: CompareSetti
     return _BUILDERS[name](copy.deepcopy(dense), ctx, settings)
 
 
-def evaluate_variant(model: nn.Module, tokenizer, settings: CompareSettings, speed_ids: torch.Tensor) -> dict:
-    """Perplexity, per-task accuracy with the option scores behind it, parameters and speed."""
-    ppl = perplexity(
-        model,
-        tokenizer,
-        settings.eval_text,
-        settings.eval_seqlen,
-        settings.eval_windows,
-        settings.batch_size,
-        progress=False,
-    )
-    tasks = {}
-    scored = evaluate(
-        model, tokenizer, list(settings.tasks), settings.task_limit, 8, dtype=getattr(torch, settings.dtype)
-    )
-    for task, result in scored.items():
+def evaluate_variant(
+    model: nn.Module, tokenizer, settings: CompareSettings, eval_ids: torch.Tensor, speed_ids: torch.Tensor
+) -> dict:
+    """`measure.measure` (perplexity, per-task accuracy with the option scores behind it), parameters and speed."""
+    result = measure(model, tokenizer, eval_ids, dict.fromkeys(settings.tasks, settings.task_limit), settings.dtype)
+    ppl = result.perplexity
+    tasks = {
         # stability reads log-likelihood per character for every task (WinoGrande: of its shared continuation),
         # so that its softmax weights are on one scale
-        scores = [s / n for s, n in zip(result.option_scores, result.option_lengths, strict=True)]
-        tasks[task] = dict(
-            acc=result.summary[paper_metric(task)],
-            scores=[list(map(float, s)) for s in scores],
-            labels=[int(v) for v in result.labels],
-        )
+        task: dict(acc=r.summary[paper_metric(task)], scores=per_character_scores(r), labels=[int(v) for v in r.labels])
+        for task, r in result.tasks.items()
+    }
     return dict(
         perplexity=ppl.perplexity,
         window_nll=list(ppl.window_nll),
@@ -209,6 +196,7 @@ def _context(settings: CompareSettings, progress: bool) -> tuple[nn.Module, obje
     scores = block_scores(model, calib, settings.batch_size, progress=progress)
     lr = scores.lr()  # the block capture already holds every layer's input/output cosine
     ctx = dict(
+        eval_ids=load_windows(tokenizer, settings.eval_text, settings.eval_seqlen, settings.eval_windows),
         calib_ids=calib,
         train_ids=train,
         val_ids=val,
@@ -231,7 +219,7 @@ def compare(settings: CompareSettings, progress: bool = True) -> tuple[pd.DataFr
 
         def compute(name=name) -> dict:
             variant, info = build_variant(name, model, ctx, settings)
-            result = dict(info=info, **evaluate_variant(variant, tokenizer, settings, speed_ids))
+            result = dict(info=info, **evaluate_variant(variant, tokenizer, settings, ctx["eval_ids"], speed_ids))
             del variant
             gc.collect()
             return result
