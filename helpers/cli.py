@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from helpers.compression.allocation import DEFAULT_FS_MAX, DEFAULT_MULTIPLE, SIZES
 from helpers.evaluation.tasks import PAPER_TASKS
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT
 from helpers.models.loading import DEFAULT_MODEL
@@ -101,7 +102,7 @@ def _out_args(p: argparse.ArgumentParser, kind: str | None, help: str, required:
 
 def _lr_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
-    p.add_argument("--text", default="gutenberg", help="text name (see textdata.text_sources) or a .txt file")
+    p.add_argument("--text", default=CALIB_TEXT, help="text name (see textdata.text_sources) or a .txt file")
     p.add_argument("--seqlen", type=positive_int, default=256)
     p.add_argument("--windows", type=positive_int, default=32)
     p.add_argument("--batch-size", type=positive_int, default=8)
@@ -126,16 +127,18 @@ def run_lr(args: argparse.Namespace) -> int:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
+    from helpers.compression.replacement import REPLACEMENT_STEPS
+
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--method", choices=("shortgpt", "gromov", "streamline"), default="streamline")
     p.add_argument("--n", type=positive_int, default=4, help="number of layers to remove")
     p.add_argument("--replacement", choices=("none", "ffn", "swiglu", "layer"), default="none")
-    p.add_argument("--calib", default="gutenberg", help="calibration text name or .txt file")
+    p.add_argument("--calib", default=CALIB_TEXT, help="calibration text name or .txt file")
     p.add_argument("--seqlen", type=positive_int, default=256)
     p.add_argument("--windows", type=positive_int, default=32, help="calibration windows for the block scores")
     p.add_argument("--train-windows", type=positive_int, default=32, help="windows to train the replacement on")
     p.add_argument("--val-windows", type=positive_int, default=8, help="held-out windows for early stopping")
-    p.add_argument("--max-steps", type=positive_int, default=400)
+    p.add_argument("--max-steps", type=positive_int, default=REPLACEMENT_STEPS, help="replacement training steps")
     _out_args(p, "pruned", "folder for the pruned model", required=True)
 
 
@@ -174,29 +177,42 @@ def _loss_plot(out: Path) -> Path:
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
+    from helpers.evaluation.allocation_rules import BASE_SLICE
+    from helpers.experiments.presets import SIZES
+
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
-    p.add_argument("--slice-fraction", type=fraction, default=0.25, help="constant slicing's SP; sets the budget")
-    p.add_argument("--windows", type=positive_int, default=32, help="calibration windows")
-    p.add_argument("--task-limit", type=positive_int, default=50, help="questions per zero-shot task")
-    p.add_argument("--eval-windows", type=positive_int, default=16, help="perplexity windows")
-    p.add_argument("--max-steps", type=positive_int, default=300, help="replacement training steps")
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="reduced", help="the reproduce preset the others default to"
+    )
+    p.add_argument("--slice-fraction", type=fraction, default=None, help="constant slicing's SP (default: first SP)")
+    p.add_argument("--sb", type=fraction, default=BASE_SLICE, help="dynamic slicing's base slice")
+    p.add_argument("--windows", type=positive_int, default=None, help="calibration windows")
+    p.add_argument("--task-limit", type=positive_int, default=None, help="questions per zero-shot task")
+    p.add_argument("--eval-windows", type=positive_int, default=None, help="perplexity windows")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="replacement training steps")
 
 
 @command("compare", _compare_args)
 def run_compare(args: argparse.Namespace) -> int:
     """Depth pruning vs slicing at matched parameter counts; writes data/runs/depth_comparison.{csv,md}."""
-    from helpers.experiments.compare import DEPTH_TABLE, CompareSettings, compare
+    import dataclasses
+
+    from helpers.experiments.compare import DEPTH_TABLE, compare
+    from helpers.experiments.presets import SIZES
+    from helpers.experiments.reports import depth_settings
     from helpers.infra.storage import write_table
 
-    settings = CompareSettings(
-        model=args.model,
-        slice_fraction=args.slice_fraction,
-        calib_windows=args.windows,
-        task_limit=args.task_limit,
-        eval_windows=args.eval_windows,
-        max_steps=args.max_steps,
-    )
-    table, _ = compare(settings)
+    preset = SIZES[args.size]
+    chosen = {
+        "model": args.model,
+        "sps": (preset.sps[0] if args.slice_fraction is None else args.slice_fraction,),
+        "calib_windows": args.windows,
+        "limit": args.task_limit,
+        "eval_windows": args.eval_windows,
+        "depth_steps": args.max_steps,
+    }
+    settings = dataclasses.replace(preset, **{k: v for k, v in chosen.items() if v is not None})
+    table, _ = compare(depth_settings(settings, args.sb))
     written = write_table(table, DEPTH_TABLE)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {', '.join(map(str, written))}")
@@ -207,8 +223,15 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=Path, required=True, help="LR CSV written by `helpers lr` (column lr)")
     p.add_argument("--sp", type=fraction, required=True, help="target mean slice fraction, e.g. 0.3")
     p.add_argument("--sb", type=fraction, required=True, help="base slice every layer gets, 0 <= SB <= SP")
-    p.add_argument("--fs-max", type=fraction, default=0.95, help="largest slice any layer may get")
-    p.add_argument("--multiple", type=positive_int, default=8, help="kept dimensions are multiples of this (1: none)")
+    p.add_argument("--fs-max", type=fraction, default=DEFAULT_FS_MAX, help="largest slice any layer may get")
+    p.add_argument("--multiple", type=positive_int, default=DEFAULT_MULTIPLE, help="kept dims' multiple (1: none)")
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default=SIZES[0],
+        help="matched: at the SP that holds constant slicing's parameter count (as `slice` and the gallery); "
+        "nominal: at SP itself",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="model whose config gives d and the parameter count")
     _out_args(p, None, "CSV path (default data/runs/alloc_SP_SB.csv)")
     p.add_argument("--plot", nargs="?", const=True, default=None, help="also write Figure 1 (PNG+SVG); optional path")
@@ -217,7 +240,13 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
 @command("allocate", _allocate_args)
 def run_allocate(args: argparse.Namespace) -> int:
     """Per-layer slice fractions and kept dimensions from LR scores for a mean slice SP and base slice SB."""
-    from helpers.compression.allocation import ModelShape, allocate, allocation_table, param_summary, read_lr_csv
+    from helpers.compression.allocation import (
+        ModelShape,
+        allocation_table,
+        layer_allocation,
+        param_summary,
+        read_lr_csv,
+    )
     from helpers.infra.storage import RUNS_DIR, figure_stem, write_csv_atomic
     from helpers.ui import plots
 
@@ -225,11 +254,13 @@ def run_allocate(args: argparse.Namespace) -> int:
     lr = read_lr_csv(args.lr)
     if lr.size != shape.n_layers:
         raise ValueError(f"{args.lr} has {lr.size} layers but {args.model} has {shape.n_layers}; pass --model.")
-    alloc = allocate(lr, args.sp, args.sb, shape.hidden_size, args.fs_max, args.multiple)
+    alloc = layer_allocation(lr, args.sp, args.sb, shape, args.size, fs_max=args.fs_max, multiple=args.multiple)
     out = args.out or RUNS_DIR / f"alloc_sp{args.sp:g}_sb{args.sb:g}.csv"
     write_csv_atomic(allocation_table(alloc), out)
     counts = param_summary(shape, alloc.kept_dim)
     print(f"requested mean slice SP={args.sp:g} (SB={args.sb:g}); realised mean slice {alloc.realised_mean:.5f}")
+    if alloc.sp != args.sp:
+        print(f"sliced at SP={alloc.sp:.5f}: constant slicing's parameter count at SP={args.sp:g} (--size matched)")
     print(f"kept dims (d={shape.hidden_size}): {alloc.kept_dim.tolist()}")
     print(
         f"parameters: dense {counts['dense']:,} -> sliced {counts['sliced']:,} "
@@ -246,11 +277,13 @@ def run_allocate(args: argparse.Namespace) -> int:
 
 
 def _zeroshot_args(p: argparse.ArgumentParser) -> None:
+    from helpers.evaluation.zeroshot import SCORING_DTYPE
+
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (sliced models too) or Hugging Face id")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated")
     p.add_argument("--limit", type=positive_int, default=None, help="score the first N questions of each task")
     p.add_argument("--batch-size", type=positive_int, default=8, help="(context, option) rows per forward pass")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="scoring precision")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=SCORING_DTYPE, help="scoring precision")
     _out_args(p, None, "JSON path (default data/runs/zeroshot_MODEL.json)")
 
 
@@ -284,16 +317,32 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _slice_args(p: argparse.ArgumentParser) -> None:
+    from helpers.evaluation.allocation_rules import BASE_SLICE, RULES
+
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--sp", type=fraction, required=True, help="mean slice fraction, e.g. 0.3")
-    p.add_argument("--sb", type=fraction, default=None, help="base slice (default SP: constant slicing)")
+    p.add_argument("--sb", type=fraction, default=None, help="base slice of a scored rule (without --rule: SP)")
+    p.add_argument(
+        "--rule",
+        choices=list(RULES),
+        default=None,
+        help="allocation rule (helpers/evaluation/allocation_rules.py); default: constant, or lr when --sb < SP. "
+        f"A scored rule's SB defaults to {BASE_SLICE:g}",
+    )
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default=SIZES[0],
+        help="matched: a scored rule holds constant slicing's parameter count at SP (the gallery's rows); "
+        "nominal: its mean slice is SP",
+    )
     p.add_argument("--calib", default=CALIB_TEXT, help="text name or .txt file for calibration")
     p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--calib-windows", type=positive_int, default=64)
     p.add_argument(
         "--allow-few-tokens", action="store_true", help="slice even with fewer calibration tokens than the hidden size"
     )
-    p.add_argument("--lr-text", default=None, help="text for Layer Redundancy (default: the calibration text)")
+    p.add_argument("--lr-text", default=None, help="text the rule's scores are measured on (default: --calib)")
     p.add_argument("--layout", choices=["auto", "tied", "untied"], default="auto", help="embedding layout")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default=None, help="device for the current layer (default: CUDA if present)")
@@ -310,23 +359,22 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
 
 @command("slice", _slice_args)
 def run_slice(args: argparse.Namespace) -> int:
-    """Slice a model (constant when SB = SP, dynamic by Layer Redundancy otherwise) and save it."""
+    """Slice a model by an allocation rule (constant, or LR's SP/SB formula when SB < SP, by default) and save it."""
     from helpers.compression.checkpoints import load_model
     from helpers.compression.ledger import ledger_totals, parameter_ledger
-    from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+    from helpers.compression.slicing import rotate_and_slice, save_sliced
+    from helpers.evaluation.allocation_rules import RuleInputs, rule_dims
     from helpers.infra.textdata import load_windows
 
-    sb = args.sp if args.sb is None else args.sb
+    rule = args.rule or ("constant" if args.sb is None or args.sb == args.sp else "lr")
     model, tokenizer = load_model(args.model, device="cpu")
     dense = ledger_totals(parameter_ledger(model))["total"]
-    if sb == args.sp:
-        dims = constant_dims(model, args.sp)
-    else:
-        from helpers.analysis.redundancy import cached_layer_redundancy
-
-        lr_text = args.lr_text or args.calib
-        lr = cached_layer_redundancy(args.model, lr_text, args.calib_seqlen, args.calib_windows, args.batch_size)
-        dims = allocation_dims(lr["lr"].to_numpy(), args.sp, sb, model.config.hidden_size)
+    text = args.lr_text or args.calib
+    inputs = RuleInputs(
+        args.model, text, args.calib_seqlen, args.calib_windows, loaded=(model, tokenizer), progress=True
+    )
+    sb = None if args.rule is None and rule == "constant" else args.sb  # SB = SP without a rule: constant
+    dims = [int(d) for d in rule_dims(rule, inputs, args.sp, sb, args.size)]
     calib = load_windows(tokenizer, args.calib, args.calib_seqlen, args.calib_windows)
     tied = {"auto": None, "tied": True, "untied": False}[args.layout]
     info = rotate_and_slice(
@@ -342,7 +390,7 @@ def run_slice(args: argparse.Namespace) -> int:
     save_sliced(model, tokenizer, args.out)
     params = ledger_totals(parameter_ledger(model))["total"]
     mean_slice = 1 - sum(dims) / (len(dims) * model.config.hidden_size)
-    print(f"dims per layer: {dims}")
+    print(f"rule {rule}; dims per layer: {dims}")
     layout = "tied" if info.tied else "untied"
     print(f"realised mean slice {mean_slice:.4f}; layout {layout}; the head reads {info.final_dim} dimensions")
     print(f"parameters {params:,} (dense {dense:,}; {1 - params / dense:+.2%} removed)")
@@ -413,7 +461,8 @@ def run_speed(args: argparse.Namespace) -> int:
 
 
 def _reproduce_args(p: argparse.ArgumentParser) -> None:
-    from helpers.experiments.reproduce import EXECUTORS, SIZES
+    from helpers.experiments.executors import EXECUTORS
+    from helpers.experiments.presets import SIZES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="reduced: < 30 min on 2 CPU cores")
@@ -434,7 +483,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     """Regenerate every figure and table (with a manifest) into figures/; resumable."""
     import dataclasses
 
-    from helpers.experiments.reproduce import SIZES, check, reproduce
+    from helpers.experiments.presets import SIZES
+    from helpers.experiments.reproduce import check, reproduce
     from helpers.infra.storage import FIGURES_DIR
 
     settings = dataclasses.replace(SIZES[args.size], model=args.model)
@@ -460,7 +510,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 
 def _rules_args(p: argparse.ArgumentParser) -> None:
-    from helpers.experiments.reproduce import SIZES
+    from helpers.experiments.presets import SIZES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder or Hugging Face id")
     p.add_argument("--size", choices=sorted(SIZES), default="reduced", help="the reproduce sizes to run at")
@@ -475,7 +525,7 @@ def run_rules(args: argparse.Namespace) -> int:
     """Compare allocation rules at matched size and SB selection rules on unseen data; resumable."""
     import dataclasses
 
-    from helpers.experiments.reproduce import SIZES
+    from helpers.experiments.presets import SIZES
     from helpers.experiments.rules_report import run_rules as run
 
     settings = dataclasses.replace(SIZES[args.size], model=args.model)

@@ -67,9 +67,10 @@ import torch
 from IPython.display import Markdown, display
 
 from helpers.analysis.redundancy import cached_layer_redundancy
+from helpers.compression.allocation import ModelShape, constant_dims
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import layout_ledger, ledger_by_layer, ledger_totals, parameter_ledger
-from helpers.compression.slicing import WeightlessRMSNorm, constant_dims, rotate_and_slice
+from helpers.compression.slicing import WeightlessRMSNorm, rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.experiments.readings import read_difference
 from helpers.experiments.sweeps import constant_vs_dynamic, sb_sweep
@@ -128,7 +129,7 @@ del rotated
 
 # %%
 sliced = copy.deepcopy(model)
-info = rotate_and_slice(sliced, calib, constant_dims(sliced, 0.3))
+info = rotate_and_slice(sliced, calib, constant_dims(ModelShape.from_config(sliced.config), 0.3))
 fig = plots.plot_spectra(info.eigenvalues, info.dims, kind="attn")
 kept = pd.Series(info.kept_variance())
 print(f"kept variance at 30%: min {kept.min():.4f} ({kept.idxmin()}), median {kept.median():.4f}")
@@ -138,10 +139,13 @@ print(f"kept variance at 30%: min {kept.min():.4f} ({kept.idxmin()}), median {ke
 # hold almost all the variance at most boundaries. Variance is not everything, though: the small
 # directions still matter for the next-token distribution, as the perplexities below show.
 #
-# ## 3. Constant vs dynamic at the same mean slice
+# ## 3. Constant vs dynamic at the same parameter count
 #
 # Dynamic slicing needs Layer Redundancy scores (notebook 01) and a base slice SB: each layer gets
-# $FS_i = SB + (SP - SB)\, n_i / \bar n$ (notebook 02). SB = SP is constant slicing. The paper
+# $FS_i = SB + (SP - SB)\, n_i / \bar n$ (notebook 02). SB = SP is constant slicing, which rounds
+# every layer down and so removes a little more than SP asks; every dynamic row is sliced at the SP
+# that gives it constant slicing's parameter count (`size="matched"`, as `python -m helpers slice`
+# and the gallery do), so the two are compared at the same size. The paper
 # sweeps SB from SP to 0 and keeps the SB with the lowest perplexity on a calibration set; we use
 # a different book (`SELECT`) for that choice than for the final comparison (`EVAL`).
 

@@ -63,7 +63,7 @@
 import os
 
 FAST = os.environ.get("HELPERS_FAST", "0") == "1"
-SIZE = "smoke" if FAST else "reduced"  # see helpers.experiments.reproduce.SIZES
+SIZE = "smoke" if FAST else "reduced"  # see helpers.experiments.presets.SIZES
 MODEL = "smollm2-135m"
 SPS = None  # e.g. (0.30, 0.35, 0.40); None keeps the size's own
 TASKS = None  # e.g. ("piqa", "arc_easy"); None keeps the size's own
@@ -74,16 +74,10 @@ import dataclasses
 
 from IPython.display import Markdown, display
 
+from helpers.experiments.cells import Lab, best_dynamic, sweep
+from helpers.experiments.presets import SIZES
 from helpers.experiments.readings import read_results_table
-from helpers.experiments.reproduce import (
-    SIZES,
-    Lab,
-    best_dynamic,
-    comparisons_table,
-    reading_intervals,
-    results_table,
-    sweep,
-)
+from helpers.experiments.reports import comparisons_table, reading_intervals, results_table
 from helpers.infra.storage import FIGURES_DIR
 from helpers.ui import plots
 
@@ -137,7 +131,7 @@ display(Markdown(read_results_table(table, tasks, settings.limit, **reading_inte
 best = best_dynamic(cells).set_index("sp")
 sp0 = settings.sps[0]
 sb0 = float(best.loc[sp0, "sb"])
-fig = plots.plot_allocation(lab.allocation(lab.sliced_sp(sp0, sb0), sb0), title=f"SP = {sp0}, SB = {sb0}")
+fig = plots.plot_allocation(lab.allocation(sp0, sb0), title=f"SP = {sp0}, SB = {sb0}")
 # %% [markdown]
 # ## Figures 2-5: accuracy against SB
 #

@@ -184,7 +184,7 @@ for name, m in (("dense", model), (f"pruned ({len(get_adapter(reloaded).layers(r
 # %% [markdown]
 # ## Everything at the same parameter count
 #
-# Constant slicing at the fraction `CompareSettings.slice_fraction` (printed below) sets the budget;
+# Constant slicing at the fraction `slice_fraction` (the preset's first SP, printed below) sets the budget;
 # dynamic slicing uses the same mean slice with base slice `base_slice`; ShortGPT and LLM-Streamline
 # remove as many layers as that many parameters; the hybrid (future work in the dynamic-slicing
 # paper) removes half of those layers by Block Influence and slices the rest dynamically by LR.
@@ -194,10 +194,17 @@ for name, m in (("dense", model), (f"pruned ({len(get_adapter(reloaded).layers(r
 # from `python -m helpers reproduce`, whose settings are printed with it below.
 
 # %%
-from helpers.experiments.compare import DEPTH_TABLE, CompareSettings, compare
+import dataclasses
+
+from helpers.evaluation.allocation_rules import BASE_SLICE
+from helpers.experiments.compare import DEPTH_TABLE, compare
+from helpers.experiments.presets import SIZES
+from helpers.experiments.reports import depth_settings
 from helpers.infra.storage import write_table
 
-compare_settings = CompareSettings(model=MODEL, calib=CALIB, seqlen=SEQLEN, calib_windows=WINDOWS)
+# the gallery's settings (the reduced preset) on this lesson's model and calibration windows
+lesson = dataclasses.replace(SIZES["reduced"], model=MODEL, calib_text=CALIB, seqlen=SEQLEN, calib_windows=WINDOWS)
+compare_settings = depth_settings(lesson, BASE_SLICE)
 print(f"budget: constant slicing at {compare_settings.slice_fraction}, dynamic with SB = {compare_settings.base_slice}")
 if RUN_COMPARISON:
     table, raw = compare(compare_settings)

@@ -61,9 +61,9 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from helpers.compression import rules
-from helpers.compression.allocation import ModelShape
+from helpers.compression.allocation import ModelShape, budget, constant_dims, params, rounding_step
 from helpers.compression.checkpoints import load_model
-from helpers.evaluation import sensitivity
+from helpers.evaluation.allocation_rules import RULES, RuleInputs, rule_dims, score_table
 from helpers.experiments.readings import read_rules_table, read_sb_selection, read_score_agreement
 from helpers.infra.storage import FIGURES_DIR
 from helpers.infra.textdata import load_windows
@@ -73,6 +73,8 @@ model, tokenizer = load_model(MODEL)
 shape = ModelShape.from_config(model.config)
 ids = load_windows(tokenizer, CALIB, SEQLEN, WINDOWS + HELD_OUT)
 calib, held_out = ids[:WINDOWS], ids[WINDOWS:]
+inputs = RuleInputs(MODEL, CALIB, SEQLEN, WINDOWS, HELD_OUT, loaded=(model, tokenizer))  # what every rule measures
+inputs.known.update(calib=calib, held_out=held_out)
 print(f"{MODEL}: {shape.n_layers} layers, d = {shape.hidden_size}; {WINDOWS} + {HELD_OUT} windows of {SEQLEN}")
 
 # %% [markdown]
@@ -85,8 +87,8 @@ print(f"{MODEL}: {shape.n_layers} layers, d = {shape.hidden_size}; {WINDOWS} + {
 # of the budget.
 
 # %%
-target = rules.budget(shape, SP)
-step = rules.rounding_step(shape, rules.constant_dims(shape, SP))
+target = budget(shape, SP)
+step = rounding_step(shape, constant_dims(shape, SP))
 print(f"budget at SP {SP}: {target:,} parameters; one rounding step: {step:,}")
 
 # %% [markdown]
@@ -105,9 +107,8 @@ print(f"budget at SP {SP}: {target:,} parameters; one rounding step: {step:,}")
 #   alone), on windows the PCA never saw.
 
 # %%
-keep = int(rules.constant_dims(shape, SP)[0])
-spectra = sensitivity.full_spectra(model, calib)
-scores = sensitivity.layer_scores(model, calib, held_out, keep, spectra)
+spectra = inputs.spectra  # one rotation pass at full width: the spectral rule's input
+scores = score_table(inputs, SP)  # one column per registered rule that has a score
 plots.plot_rule_scores(scores, f"{MODEL}: per-layer scores at SP {SP}")
 correlations = rules.rank_correlations(scores)
 display(Markdown(correlations.to_markdown(index=False, floatfmt=".2f")))
@@ -123,14 +124,18 @@ display(Markdown(read_score_agreement(correlations)))
 # they cost the least PCA energy per parameter saved. The spectra come from one rotation pass that
 # keeps every dimension; once earlier layers are sliced the later spectra change, and the greedy
 # ignores that (a first-order choice, stated rather than hidden).
+#
+# Every rule is registered in `helpers/evaluation/allocation_rules.py` (`RULES`), so `python -m
+# helpers slice --rule angular --sp 0.3`, the sliders' rule selector and the rules report offer it;
+# a new rule is one decorated function there plus its test.
 
 # %%
-allocations = {rule: rules.rule_dims(rule, shape, SP, scores, spectra) for rule in rules.RULES}
+allocations = {rule: rule_dims(rule, inputs, SP) for rule in RULES}  # every registered rule
 summary = pd.DataFrame(
     {
         "rule": list(allocations),
-        "params": [rules.params(shape, dims) for dims in allocations.values()],
-        "gap_to_budget": [rules.params(shape, dims) - target for dims in allocations.values()],
+        "params": [params(shape, dims) for dims in allocations.values()],
+        "gap_to_budget": [params(shape, dims) - target for dims in allocations.values()],
         "pca_energy_kept": [rules.kept_energy(spectra, dims) for dims in allocations.values()],
         "min_dim": [int(dims.min()) for dims in allocations.values()],
         "max_dim": [int(dims.max()) for dims in allocations.values()],

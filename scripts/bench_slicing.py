@@ -19,9 +19,10 @@ import pandas as pd
 import torch
 
 from helpers.analysis.redundancy import cached_layer_redundancy
+from helpers.compression.allocation import ModelShape, constant_dims
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import compression, ledger_totals, parameter_ledger
-from helpers.compression.slicing import allocation_dims, rotate_and_slice
+from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.speed import device_name, generation_speed
 from helpers.experiments.sweeps import sb_sweep
@@ -74,7 +75,7 @@ def main() -> None:
 
     # 1. constant slicing (the allocation at SB = SP: same realised mean as dynamic): time and memory
     lr = cached_layer_redundancy(args.model, args.calib, args.calib_seqlen, args.calib_windows)["lr"].to_numpy()
-    dims = allocation_dims(lr, args.sp, args.sp, model.config.hidden_size)
+    dims = constant_dims(ModelShape.from_config(model.config), args.sp).tolist()
     sliced = copy.deepcopy(model)
     reset_peak_memory(device)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -93,7 +94,7 @@ def main() -> None:
         return
 
     # 2. perplexity: dense, constant, dynamic with SB picked by the sweep
-    sweep = sb_sweep(model, lr, args.sp, calib, select, step=args.sb_step, eval_ids=held_out)
+    sweep = sb_sweep(model, lr, args.sp, calib, select, step=args.sb_step, eval_ids=held_out, size="nominal")
     best = sweep[sweep["best"]].iloc[0]
     model.to(device)
     sliced.to(device)

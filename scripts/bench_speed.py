@@ -54,7 +54,8 @@ def sliced_folder(
 ) -> Path:
     """Slice the dense model once at (SP, SB) and return the saved folder; `sliced_head`: final_dim = last dim."""
     from helpers.analysis.redundancy import cached_layer_redundancy
-    from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+    from helpers.compression.allocation import ModelShape, constant_dims, layer_allocation
+    from helpers.compression.slicing import rotate_and_slice, save_sliced
     from helpers.infra.textdata import load_windows
 
     name = f"{slug(model_name)}-sp{sp:g}-sb{sb:g}-{calib}-{windows}x{seqlen}" + ("-sliced-head" if sliced_head else "")
@@ -62,11 +63,12 @@ def sliced_folder(
     if (folder / "slicing.json").exists():
         return folder
     model, tokenizer = load_model(model_name, device="cpu")
+    shape = ModelShape.from_config(model.config)
     if sb == sp:
-        dims = constant_dims(model, sp)
-    else:
+        dims = constant_dims(shape, sp).tolist()
+    else:  # nominal size: the folders docs/speed.md measured
         lr = cached_layer_redundancy(model_name, calib, seqlen, windows, loaded=(model, tokenizer))
-        dims = allocation_dims(lr["lr"].to_numpy(), sp, sb, model.config.hidden_size)
+        dims = layer_allocation(lr["lr"].to_numpy(), sp, sb, shape, "nominal").kept_dim.tolist()
     final_dim = dims[-1] if sliced_head else None
     rotate_and_slice(model, load_windows(tokenizer, calib, seqlen, windows), dims, final_dim=final_dim)
     return save_sliced(model, tokenizer, folder)

@@ -18,9 +18,10 @@ import pandas as pd
 import torch
 
 from helpers.analysis.redundancy import layer_redundancy
+from helpers.compression.allocation import ModelShape, constant_dims, layer_allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice
+from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.infra.storage import write_json_atomic
 from helpers.infra.textdata import CALIB_TEXT, load_windows
@@ -67,9 +68,11 @@ def main() -> None:
     lr = layer_redundancy(model, calib, batch_size=2, progress=False)["lr"].to_numpy()
     rows = [row("dense", model, eval_ids, None, 0.0)]
     dense = rows[0]["params"]
-    d = model.config.hidden_size
+    shape = ModelShape.from_config(model.config)
+    d = shape.hidden_size
     for sp in [float(v) for v in args.sps.split(",")]:
-        for kind, dims in (("constant", constant_dims(model, sp)), ("dynamic", allocation_dims(lr, sp, args.sb, d))):
+        dynamic = layer_allocation(lr, sp, args.sb, shape, "nominal").kept_dim  # the size docs/ reports
+        for kind, dims in (("constant", constant_dims(shape, sp).tolist()), ("dynamic", dynamic.tolist())):
             sliced = copy.deepcopy(model)
             start = time.perf_counter()
             rotate_and_slice(sliced, calib, dims, batch_size=2, progress=False)

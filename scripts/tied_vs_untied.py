@@ -14,9 +14,10 @@ import copy
 import pandas as pd
 import torch
 
+from helpers.compression.allocation import ModelShape, constant_dims
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import compression, ledger_totals, parameter_ledger
-from helpers.compression.slicing import constant_dims, rotate_and_slice, untie_sliced
+from helpers.compression.slicing import rotate_and_slice, untie_sliced
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.infra.storage import RUNS_DIR, write_csv_atomic
 from helpers.infra.textdata import CALIB_TEXT, EVAL_TEXT, load_windows
@@ -43,7 +44,7 @@ def main() -> None:
     rows = [{"model": "dense", "slice": 0.0, "params": dense_params, "perplexity": ppl}]
     for fraction in args.slices:
         sliced = copy.deepcopy(model)
-        rotate_and_slice(sliced, calib, constant_dims(sliced, fraction), tied=True)
+        rotate_and_slice(sliced, calib, constant_dims(ModelShape.from_config(sliced.config), fraction), tied=True)
         for layout in ("tied", "untied"):
             if layout == "untied":
                 untie_sliced(sliced)  # the same slicing in SliceGPT's layout: same outputs, more parameters

@@ -10,11 +10,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from helpers.compression.allocation import (
+    SIZES,
     ModelShape,
     allocate,
     allocation_table,
     dense_param_count,
     kept_dims,
+    layer_allocation,
     matched_sp,
     param_summary,
     slice_fractions,
@@ -209,9 +211,13 @@ def test_slider_callback_updates_image_and_readout(tmp_path):
     assert find_lr_files(tmp_path / "none", tmp_path) == [path, other]  # the cache folder takes any CSV
     app = slider_app([path, other], sp=0.3, sb=0.1)
     before = app.image.value
-    assert "0.300" in app.readout.value
-    app.sp.value = 0.4
-    assert app.image.value != before and "realised-mean'>0.400<" in app.readout.value
+    assert "rule lr, matched size: requested SP 0.30" in app.readout.value
+    app.sp.value = 0.4  # matched (the default): constant slicing's count, SliceGPT's floor written out
+    constant = int(sliced_param_count(shape, np.full(shape.n_layers, int(0.6 * shape.hidden_size) // 8 * 8))["total"])
+    shown = int(app.readout.value.split("parameters: ")[1].split(" of")[0].replace(",", ""))
+    assert app.image.value != before and abs(shown - constant) <= 1e-3 * constant
+    app.size.value = "nominal"
+    assert "realised-mean'>0.400<" in app.readout.value
     app.sp.value = 0.05  # below SB: SB follows down to SP
     assert app.sb.value == pytest.approx(0.05) and app.sb.max == pytest.approx(0.05)
     assert app.last_seconds < 1.0
@@ -219,6 +225,11 @@ def test_slider_callback_updates_image_and_readout(tmp_path):
     app.model.value = app.model.options[1]  # another LR vector: new figure, same SP and SB
     floored = 1 - np.floor(0.95 * shape.hidden_size / 8) * 8 / shape.hidden_size  # SB = SP rounds down (SliceGPT)
     assert app.image.value != shown and f"realised-mean'>{floored:.3f}<" in app.readout.value
+    app.model.value, app.sp.value = app.model.options[0], 0.3
+    app.rule.value = "spare_ends"  # an allocating rule: first and last layer whole
+    assert f"kept dims: {shape.hidden_size}, " in app.readout.value and "rule spare_ends" in app.readout.value
+    app.rule.value = "angular"  # needs the model, and runs/lr_*.csv does not say which windows the LR came from
+    assert "cannot allocate" in app.readout.value and "no text was given" in app.readout.value
 
 
 def test_matched_sp_reaches_the_constant_count_within_a_tenth_of_a_percent():
@@ -235,15 +246,42 @@ def test_matched_sp_reaches_the_constant_count_within_a_tenth_of_a_percent():
             matched_sp(lr, impossible, 0.1, shape)
 
 
-def test_allocation_dims_honours_multiple_and_matches_allocate():
-    from helpers.compression.slicing import allocation_dims
-
-    lr = np.random.default_rng(3).uniform(0.7, 1.0, 12)
+def test_layer_allocation_sizes_match_constant_count_or_ask_for_sp():
+    """matched: the count of SliceGPT's constant slicing (floor formula written out) within one rounding step;
+    nominal: exactly the paper's formula at SP; SB = SP: constant slicing under both."""
+    shape = ModelShape.from_pretrained("smollm2-135m")
+    lr = np.random.default_rng(3).uniform(0.7, 1.0, shape.n_layers)
+    for sp in (0.3, 0.35, 0.4):  # where (1 - SP) d is not a multiple of 8, so constant slicing rounds down
+        constant = np.full(shape.n_layers, int(np.floor((1 - sp) * shape.hidden_size / 8) * 8))
+        target = int(sliced_param_count(shape, constant)["total"])
+        nominal = layer_allocation(lr, sp, 0.1, shape, "nominal")
+        assert nominal.sp == sp and np.array_equal(nominal.kept_dim, allocate(lr, sp, 0.1, shape.hidden_size).kept_dim)
+        matched = layer_allocation(lr, sp, 0.1, shape)
+        assert matched.sp > sp  # constant slicing rounds down, so the same count needs a larger mean slice
+        assert abs(int(sliced_param_count(shape, matched.kept_dim)["total"]) - target) <= 1e-3 * target
+        for size in SIZES:
+            assert np.array_equal(layer_allocation(lr, sp, sp, shape, size).kept_dim, constant)
     for multiple in (1, 8, 32):
-        dims = allocation_dims(lr, 0.3, 0.1, 576, multiple=multiple)
-        assert dims == allocate(lr, 0.3, 0.1, 576, multiple=multiple).kept_dim.tolist()
-        assert all(d % multiple == 0 for d in dims)
-    assert allocation_dims(lr, 0.3, 0.1, 576, multiple=1) != allocation_dims(lr, 0.3, 0.1, 576, multiple=32)
+        dims = layer_allocation(lr, 0.3, 0.1, shape, multiple=multiple).kept_dim
+        assert np.all(dims % multiple == 0)
+    with pytest.raises(ValueError, match="size must be one of"):
+        layer_allocation(lr, 0.3, 0.1, shape, "exact")
+
+
+def test_matched_size_holds_on_a_tiny_model_within_one_rounding_step():
+    """A tiny model's one-multiple step exceeds 0.1% of its count: matching still succeeds, within that step."""
+    shape = ModelShape.from_config(tiny_model("llama").config)
+    lr = np.random.default_rng(0).random(shape.n_layers)
+    dims = layer_allocation(lr, 0.3, 0.0, shape).kept_dim
+
+    def count(kept: np.ndarray) -> int:
+        return int(sliced_param_count(shape, kept)["total"])
+
+    target = count(np.full(shape.n_layers, int(0.7 * shape.hidden_size) // 8 * 8))
+    grown = [dims + 8 * (np.arange(shape.n_layers) == i) for i in range(shape.n_layers) if dims[i] < shape.hidden_size]
+    steps = [abs(count(g) - count(dims)) for g in grown]
+    assert min(steps) > 1e-3 * target  # the old 0.1% tolerance could not be met here
+    assert abs(count(dims) - target) <= max(steps)
 
 
 def test_best_dynamic_never_picks_constant():

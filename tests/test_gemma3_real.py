@@ -12,9 +12,10 @@ import torch
 from helpers.analysis.capture import collect_hidden_states
 from helpers.analysis.redundancy import layer_redundancy
 from helpers.compression import allocation
+from helpers.compression.allocation import ModelShape, constant_dims, layer_allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+from helpers.compression.slicing import rotate_and_slice, save_sliced
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.zeroshot import encode_pair, evaluate_task
 from helpers.infra.textdata import load_windows
@@ -76,10 +77,10 @@ def test_rotation_without_slicing_keeps_logits(gemma, windows):
 def test_slicing_runs_keeps_tied_and_reloads(gemma, windows, kind, tmp_path):
     model, tokenizer = gemma
     if kind == "constant":
-        dims = constant_dims(model, 0.25)
+        dims = constant_dims(ModelShape.from_config(model.config), 0.25).tolist()
     else:
         lr = layer_redundancy(model, windows, progress=False)["lr"].to_numpy()
-        dims = allocation_dims(lr, 0.25, 0.1, 640)
+        dims = layer_allocation(lr, 0.25, 0.1, ModelShape.from_config(model.config)).kept_dim.tolist()
     sliced = copy.deepcopy(model)
     rotate_and_slice(sliced, windows, dims, progress=False)
     assert sliced.model.embed_tokens.table.weight is sliced.lm_head.table.weight  # still one 262k x 640 table

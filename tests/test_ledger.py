@@ -100,15 +100,16 @@ def test_ledger_counts_a_streamline_replacement_block():
 
 
 def test_layout_ledger_rows_match_unique_parameters_of_each_layout():
+    from helpers.compression.allocation import ModelShape, constant_dims
     from helpers.compression.ledger import layout_ledger
-    from helpers.compression.slicing import constant_dims, untie_sliced
+    from helpers.compression.slicing import untie_sliced
 
     model = tiny_model("llama", tie_word_embeddings=True)
     ids = torch.randint(0, 128, (4, 16))
     table = layout_ledger(model, ids, [0.25])
     assert table[["slice", "layout"]].values.tolist() == [[0.0, "dense"], [0.25, "untied"], [0.25, "tied"]]
     tied = copy.deepcopy(model)
-    rotate_and_slice(tied, ids, constant_dims(tied, 0.25), progress=False)
+    rotate_and_slice(tied, ids, constant_dims(ModelShape.from_config(tied.config), 0.25), progress=False)
     untied = untie_sliced(copy.deepcopy(tied))
     assert table["total"].tolist() == [unique_numel(model), unique_numel(untied), unique_numel(tied)]
     assert table["removed"].iloc[0] == "+0.0%"

@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers.experiments import reproduce
-from helpers.experiments.reproduce import SIZES, best_dynamic, flatten, results_table
+from helpers.experiments import cells, executors, reports, reproduce
+from helpers.experiments.cells import best_dynamic, cell_params, flatten
+from helpers.experiments.presets import SIZES, Settings
+from helpers.experiments.reports import results_table
 from helpers.experiments.results import NOT_RECORDED
 from helpers.experiments.rules_report import run_rules
 from helpers.experiments.sb_selection import SELECTION_RULES
@@ -73,17 +75,17 @@ def test_comparisons_give_paired_verdicts_and_generated_statements():
         ],
         tasks,
     )
-    table = reproduce.comparisons_table(cells, tasks).set_index("metric")
+    table = reports.comparisons_table(cells, tasks).set_index("metric")
     assert table.loc["piqa", "verdict"] == "better" and table.loc["average", "verdict"] == "better"
     assert table.loc["perplexity", "verdict"] == "not resolved" and table.loc["perplexity", "diff"] == 0
     assert table.loc["piqa", "holm_p"] == pytest.approx(min(1.0, 2 * table.loc["piqa", "mcnemar_p"]))
-    text = reproduce.comparison_statements(table.reset_index(), model_label("smollm2-135m"))
+    text = reports.comparison_statements(table.reset_index(), model_label("smollm2-135m"))
     assert "SmolLM2-135M-Instruct, Q4_1 weights dequantised to float32" in text
     assert "**better**" in text and "**not resolved**" in text and "2 paired accuracy comparisons" in text
-    settings = reproduce.Settings(tasks=tasks, eval_texts=("great-expectations",))
-    summary = reproduce.results_summary(results_table(cells, tasks), table.reset_index(), settings, bos=False)
+    settings = Settings(tasks=tasks, eval_texts=("great-expectations",))
+    summary = reports.results_summary(results_table(cells, tasks), table.reset_index(), settings, bos=False)
     assert "| constant | 0.30 | 0.30 |" in summary and "+/-" in summary and text in summary
-    intervals = reproduce.reading_intervals(cells, tasks)
+    intervals = reports.reading_intervals(cells, tasks)
     assert intervals["accuracy_intervals"][0.3] == tuple(table.loc["average", ["low", "high"]])
     assert intervals["perplexity_intervals"][0.3] == (0.0, 0.0)  # same windows, same NLL: no spread
     same = intervals["task_intervals"][("dynamic", 0.3, "piqa")]  # dynamic answers exactly as dense does
@@ -148,7 +150,7 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("a cached cell was recomputed")
 
-    monkeypatch.setattr(reproduce.Lab, "measure", must_not_run)
+    monkeypatch.setattr(cells.Lab, "measure", must_not_run)
     monkeypatch.setattr("helpers.evaluation.speed.interleaved_benchmark", must_not_run)
     again = reproduce.reproduce(settings, tmp_path / "again", progress=False)
     pd.testing.assert_frame_equal(again["results"], tables["results"])
@@ -162,16 +164,16 @@ def test_local_executor_jobs_give_the_same_cells_as_the_in_process_sweep(tmp_pat
         SIZES["smoke"], seqlen=32, calib_windows=2, select_windows=1, eval_windows=1, tasks=("piqa",), limit=2
     )
     inprocess, jobs = tmp_path / "inprocess", tmp_path / "jobs"
-    reproduce.sweep(reproduce.Lab(settings, progress=False), reproduce.CellCache("sweep", inprocess))
-    assert reproduce.missing_cells(settings, jobs) == reproduce.sweep_cells(settings)
-    ran = reproduce.run_cells(settings, "local", cache_root=jobs, log_folder=tmp_path / "logs")
-    assert ran == 3 and reproduce.missing_cells(settings, jobs) == []
-    assert reproduce.run_cells(settings, "local", cache_root=jobs) == 0  # resumable: nothing left to run
-    for sp, sb in reproduce.sweep_cells(settings):
+    cells.sweep(cells.Lab(settings, progress=False), cells.CellCache("sweep", inprocess))
+    assert executors.missing_cells(settings, jobs) == cells.sweep_cells(settings)
+    ran = executors.run_cells(settings, "local", cache_root=jobs, log_folder=tmp_path / "logs")
+    assert ran == 3 and executors.missing_cells(settings, jobs) == []
+    assert executors.run_cells(settings, "local", cache_root=jobs) == 0  # resumable: nothing left to run
+    for sp, sb in cells.sweep_cells(settings):
         coords = {"kind": "dense"} if sb is None else {"kind": "sliced", "sp": sp, "sb": sb}
-        params = settings.cell_params(**coords)
-        expected = reproduce.CellCache("sweep", inprocess).get(params)
-        got = reproduce.CellCache("sweep", jobs).get(params)
+        params = cell_params(settings, **coords)
+        expected = cells.CellCache("sweep", inprocess).get(params)
+        got = cells.CellCache("sweep", jobs).get(params)
         assert got["params"] == expected["params"] and got["tasks"] == expected["tasks"]
         assert got["ppl_select"] == pytest.approx(expected["ppl_select"], rel=1e-6)
         assert got["ppl_eval"] == pytest.approx(expected["ppl_eval"], rel=1e-6)
@@ -186,13 +188,13 @@ def test_ray_job_fills_only_the_missing_cell_with_the_in_process_numbers(tmp_pat
         SIZES["smoke"], seqlen=32, calib_windows=2, select_windows=1, eval_windows=1, tasks=("piqa",), limit=2
     )
     inprocess, jobs = tmp_path / "inprocess", tmp_path / "jobs"
-    reproduce.sweep(reproduce.Lab(settings, progress=False), reproduce.CellCache("sweep", inprocess))
+    cells.sweep(cells.Lab(settings, progress=False), cells.CellCache("sweep", inprocess))
     shutil.copytree(inprocess, jobs)
-    dense = reproduce.CellCache("sweep", jobs).path(settings.cell_params(kind="dense"))
+    dense = cells.CellCache("sweep", jobs).path(cell_params(settings, kind="dense"))
     dense.unlink()
-    assert reproduce.missing_cells(settings, jobs) == [(0.0, None)]
-    assert reproduce.run_cells(settings, "ray", cache_root=jobs) == 1
-    expected = reproduce.CellCache("sweep", inprocess).get(settings.cell_params(kind="dense"))
+    assert executors.missing_cells(settings, jobs) == [(0.0, None)]
+    assert executors.run_cells(settings, "ray", cache_root=jobs) == 1
+    expected = cells.CellCache("sweep", inprocess).get(cell_params(settings, kind="dense"))
     got = json.loads(dense.read_text())["result"]
     assert got["tasks"] == expected["tasks"] and got["params"] == expected["params"]
     assert got["ppl_eval"] == pytest.approx(expected["ppl_eval"], rel=1e-6)

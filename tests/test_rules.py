@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from helpers.compression import rules
 from helpers.compression.allocation import ModelShape, sliced_param_count
 from helpers.compression.slicing import SlicingInfo
 from helpers.evaluation import sensitivity
+from helpers.evaluation.allocation_rules import RULES, RuleInputs, rule_dims
 from helpers.experiments.sb_selection import selection_summary, selection_trials
 
 
@@ -37,20 +40,34 @@ def _synthetic_spectra(n_layers: int, d: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("sp", [0.3, 0.4])
+def _known_inputs(shape: ModelShape, sp: float, scores: dict, spectra: dict) -> RuleInputs:
+    """Rule inputs whose measurements are given (no model runs): scores per rule at `sp`, spectra, shape."""
+    inputs = RuleInputs("smollm2-135m", "unused", 0, 0)
+    inputs.known.update(shape=shape, spectra=spectra, lr=scores["lr"])
+    inputs.known.update({("score", rule, sp): values for rule, values in scores.items()})
+    return inputs
+
+
+@pytest.mark.parametrize("sp", [0.3, 0.4])
 def test_every_rule_hits_the_budget_within_one_rounding_step(shape, sp):
     rng = np.random.default_rng(0)
     n = shape.n_layers
-    scores = pd.DataFrame({rule: rng.normal(size=n) for rule in rules.SCORED_RULES})
     spectra = _synthetic_spectra(n, shape.hidden_size)
+    inputs = _known_inputs(shape, sp, {rule: rng.normal(size=n) for rule in RULES if rule != "spectral"}, spectra)
     constant = np.full(n, int(np.floor((1 - sp) * shape.hidden_size / 8) * 8))  # SliceGPT's rounding, written out
     target = int(sliced_param_count(shape, constant)["total"])
-    for rule in rules.RULES:
-        dims = rules.rule_dims(rule, shape, sp, scores, spectra)
+    for rule in RULES:
+        dims = rule_dims(rule, inputs, sp)
         assert dims.shape == (n,) and np.all(dims % 8 == 0), rule
         gap = abs(int(sliced_param_count(shape, dims)["total"]) - target)
         assert gap <= _one_step_bound(shape), f"{rule}: {gap} parameters from the budget"
-    spare = rules.rule_dims("spare_ends", shape, sp)
+    spare = rule_dims("spare_ends", inputs, sp)
     assert spare[0] == spare[-1] == shape.hidden_size and spare[1:-1].max() - spare[1:-1].min() <= 8
+    assert np.array_equal(rule_dims("constant", inputs, sp), constant)
+    with pytest.raises(ValueError, match="takes no SB"):
+        rule_dims("spectral", inputs, sp, sb=0.1)
+    with pytest.raises(ValueError, match="Unknown allocation rule 'nope'; use one of constant, lr"):
+        rule_dims("nope", inputs, sp)
 
 
 def test_spectral_keeps_the_most_pca_energy_on_the_real_model(smollm, book_windows, shape):
@@ -61,14 +78,15 @@ def test_spectral_keeps_the_most_pca_energy_on_the_real_model(smollm, book_windo
     assert set(spectra) == {f"{k}_{i}" for i in range(shape.n_layers) for k in ("attn", "mlp")}
     lr = layer_redundancy(model, ids, progress=False)["lr"].to_numpy()
     rng = np.random.default_rng(0)
-    scores = pd.DataFrame({rule: lr if rule == "lr" else rng.normal(size=lr.size) for rule in rules.SCORED_RULES})
     sp = 0.3
+    scored = {rule: lr if rule == "lr" else rng.normal(size=lr.size) for rule in RULES if RULES[rule].takes_sb}
+    inputs = _known_inputs(shape, sp, scored, spectra)
 
     def energy(dims) -> float:  # independent of rules.kept_energy: the slicer's own kept-variance report
         info = SlicingInfo(dims=list(dims), tied=True, hidden_size=576, eigenvalues=spectra)
         return sum(info.kept_variance().values())
 
-    allocations = {rule: rules.rule_dims(rule, shape, sp, scores, spectra) for rule in rules.RULES}
+    allocations = {rule: rule_dims(rule, inputs, sp) for rule in RULES}
     kept = {rule: energy(dims) for rule, dims in allocations.items()}
     assert np.isclose(kept["spectral"], rules.kept_energy(spectra, allocations["spectral"]))
     for rule, value in kept.items():
@@ -163,8 +181,8 @@ def _rule_row(rule: str, dims: str, ppl: float, correct: list[int]) -> dict:
 
 
 def test_rules_table_verdicts_come_from_the_paired_intervals():
+    from helpers.experiments.cells import flatten
     from helpers.experiments.readings import read_rules_table
-    from helpers.experiments.reproduce import flatten
     from helpers.experiments.rules_report import readme_table, rules_table
 
     rows = [
@@ -205,3 +223,74 @@ def test_rules_command_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["rules", "--size", "smoke", "--out", str(tmp_path)]) == 2
     assert "not an earlier reproduce output" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved with the default model's tokenizer, so that the CLI can read real text.
+
+    Note: tied, because an untied 49k-row embedding makes one 8-dimension step of layer 0 cost 390k parameters,
+    far more than the layers hold, and no SP can then match constant slicing's count."""
+    from transformers import AutoTokenizer
+
+    from helpers.models.loading import DEFAULT_MODEL, resolve_model, tiny_model
+
+    folder = tmp_path_factory.mktemp("rules") / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
+    tiny_model("llama", vocab_size=len(tokenizer), tie_word_embeddings=True).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _sliced_dims(folder) -> list[int]:
+    import json
+
+    return json.loads((folder / "slicing.json").read_text())["dims"]
+
+
+def test_every_registered_rule_runs_through_slice(tiny_folder, tmp_path, capsys):
+    """`slice --rule NAME` for every rule in the registry: the saved model's realised parameter count (the ledger,
+    counted from its tensors) is constant slicing's within one rounding step, and its dims are the rule's."""
+    from helpers.cli import main
+    from helpers.compression.checkpoints import load_model
+    from helpers.compression.ledger import ledger_totals, parameter_ledger
+
+    shape = ModelShape.from_pretrained(str(tiny_folder))
+    constant = np.full(shape.n_layers, int(0.7 * shape.hidden_size) // 8 * 8)
+    argv = ["slice", "--model", str(tiny_folder), "--sp", "0.3", "--calib-seqlen", "16", "--calib-windows", "8"]
+    realised = {}
+    for rule in RULES:
+        out = tmp_path / rule
+        assert main([*argv, "--rule", rule, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert f"rule {rule}; dims per layer: {_sliced_dims(out)}" in capsys.readouterr().out
+        model, _ = load_model(str(out), device="cpu")
+        realised[rule] = ledger_totals(parameter_ledger(model))["total"]
+    target = int(sliced_param_count(shape, constant)["total"])
+    assert realised["constant"] == target and _sliced_dims(tmp_path / "constant") == constant.tolist()
+    for rule, count in realised.items():
+        assert abs(count - target) <= _one_step_bound(shape), f"{rule}: {count} vs {target}"
+    assert len({tuple(_sliced_dims(tmp_path / rule)) for rule in RULES}) > 2  # the rules really allocate apart
+    assert main([*argv, "--rule", "spectral", "--sb", "0.1", "--out", str(tmp_path / "bad")]) == 2
+    assert "takes no SB" in capsys.readouterr().err
+
+
+def test_slice_sb_gives_the_gallerys_dynamic_row(tiny_folder, tmp_path):
+    """`slice --sb 0` (LR, matched size) keeps the dims of the reproduce sweep's dynamic cell at the same SP and
+    calibration; `--size nominal` is the paper's formula at SP itself, a different model here."""
+    from helpers.cli import main
+    from helpers.compression.allocation import allocate
+    from helpers.experiments.cells import Lab
+    from helpers.experiments.presets import SIZES
+    from helpers.infra.textdata import CALIB_TEXT
+
+    settings = dataclasses.replace(
+        SIZES["smoke"], model=str(tiny_folder), seqlen=16, calib_windows=8, select_windows=2, eval_windows=1
+    )
+    lab = Lab(settings, progress=False)
+    argv = ["slice", "--model", str(tiny_folder), "--sp", "0.3", "--sb", "0", "--calib", CALIB_TEXT]
+    argv += ["--calib-seqlen", "16", "--calib-windows", "8"]
+    assert main([*argv, "--out", str(tmp_path / "matched")]) == 0
+    assert _sliced_dims(tmp_path / "matched") == lab.allocation(0.3, 0.0).kept_dim.tolist()
+    assert main([*argv, "--size", "nominal", "--out", str(tmp_path / "nominal")]) == 0
+    nominal = allocate(lab.lr["lr"].to_numpy(), 0.3, 0.0, 64).kept_dim.tolist()
+    assert _sliced_dims(tmp_path / "nominal") == nominal != _sliced_dims(tmp_path / "matched")

@@ -14,13 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from helpers.compression import allocation
 from helpers.compression.ledger import ledger_totals, parameter_ledger
 from helpers.compression.slicing import (
-    constant_dims,
     gram,
     load_sliced,
     make_rotation_invariant,
     rotate_and_slice,
     save_sliced,
-    slice_model,
     untie_sliced,
 )
 from helpers.models.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types
@@ -158,9 +156,10 @@ def test_slicing_changes_outputs_but_keeps_them_close():
 def test_constant_equals_dynamic_with_equal_dims():
     ids = calib()
     constant, dynamic = noisy_model("llama"), noisy_model("llama")
-    slice_model(constant, ids, slice_fraction=0.25, progress=False)
-    slice_model(dynamic, ids, dims=[48] * 4, progress=False)
-    assert constant_dims(constant, 0.25) == [48] * 4
+    dims = allocation.constant_dims(allocation.ModelShape.from_config(constant.config), 0.25)
+    assert dims.tolist() == [48] * 4  # (1 - 0.25) x 64 rounded down to 8
+    rotate_and_slice(constant, ids, dims, progress=False)
+    rotate_and_slice(dynamic, ids, [48] * 4, progress=False)
     assert torch.equal(logits(constant, ids), logits(dynamic, ids))
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.compression.allocation import ModelShape, constant_dims, layer_allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import ledger_totals, parameter_ledger
 from helpers.compression.slicing import (
-    constant_dims,
     load_sliced,
     make_rotation_invariant,
     rotate_and_slice,
@@ -83,7 +83,7 @@ def test_folding_keeps_logits(dense, held_out, dense_logits):
 
 def test_slicing_at_zero_keeps_logits(dense, calib, held_out, dense_logits):
     model = copy.deepcopy(dense[0])
-    rotate_and_slice(model, calib[:2], constant_dims(model, 0.0), progress=False)
+    rotate_and_slice(model, calib[:2], constant_dims(ModelShape.from_config(model.config), 0.0), progress=False)
     diff = (logits(model, held_out) - dense_logits).abs().max().item()
     print(f"\nslicing 0%: max abs logit difference {diff:.2e}")
     assert diff < LOGIT_TOL
@@ -141,13 +141,11 @@ def test_save_and_reload(dense, sliced_tied, held_out, tmp_path):
 
 
 def test_sb_equal_sp_reproduces_constant_slicing(dense, calib, held_out):
-    pytest.importorskip("helpers.compression.allocation")
-    from helpers.compression.slicing import allocation_dims
-
-    lr = np.linspace(0.5, 0.99, dense[0].config.num_hidden_layers) ** 2  # any scores: SB = SP ignores them
-    dims = allocation_dims(lr, sp=0.3, sb=0.3, hidden_size=576)
-    assert dims == constant_dims(dense[0], 0.3)
+    shape = ModelShape.from_config(dense[0].config)
+    lr = np.linspace(0.5, 0.99, shape.n_layers) ** 2  # any scores: SB = SP ignores them
+    dims = layer_allocation(lr, sp=0.3, sb=0.3, shape=shape).kept_dim.tolist()
+    assert dims == [int(0.7 * 576) // 8 * 8] * shape.n_layers  # SliceGPT's rounding, written out
     constant, dynamic = copy.deepcopy(dense[0]), copy.deepcopy(dense[0])
-    rotate_and_slice(constant, calib[:2], constant_dims(constant, 0.3), progress=False)
+    rotate_and_slice(constant, calib[:2], constant_dims(shape, 0.3), progress=False)
     rotate_and_slice(dynamic, calib[:2], dims, progress=False)
     assert torch.equal(logits(constant, held_out), logits(dynamic, held_out))

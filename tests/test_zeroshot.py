@@ -79,6 +79,14 @@ def test_winogrande_uses_partial_scoring():
     assert result.summary["acc_norm"] is None and result.summary["acc"] == 1.0
 
 
+def test_acc_only_tasks_come_from_the_task_registry():
+    """Every task in tasks.ACC_ONLY reports no acc_norm, every other task reports one: one list, no task names here."""
+    for task in T.TASKS:
+        result = summarise(task, [np.array([-1.0, -2.0])], [np.array([1.0, 4.0])], [0])
+        assert (result.summary["acc_norm"] is None) == (task in T.ACC_ONLY), task
+        assert T.paper_metric(task) == ("acc" if result.summary["acc_norm"] is None else "acc_norm")
+
+
 # ---------------------------------------------------------------- acc_norm (fast)
 
 

@@ -361,6 +361,36 @@ def read_lr_csv(path: str) -> np.ndarray:
     return lr
 
 
+def params(shape: ModelShape, dims: np.ndarray) -> int:
+    """Parameter count of the model sliced to `dims` (`sliced_param_count`'s total)."""
+    return int(sliced_param_count(shape, np.asarray(dims, dtype=np.int64))["total"])
+
+
+def constant_dims(shape: ModelShape, sp: float, multiple: int = DEFAULT_MULTIPLE) -> np.ndarray:
+    """SliceGPT's constant slicing: every layer keeps (1 - SP) d rounded down to a multiple."""
+    if not 0 <= sp < 1:
+        raise ValueError(f"SP must be in [0, 1), got {sp}.")
+    return kept_dims(np.full(shape.n_layers, float(sp)), shape.hidden_size, multiple)
+
+
+def budget(shape: ModelShape, sp: float, multiple: int = DEFAULT_MULTIPLE) -> int:
+    """The parameter count a matched allocation holds at `sp`: constant slicing's realised count."""
+    return params(shape, constant_dims(shape, sp, multiple))
+
+
+def rounding_step(shape: ModelShape, dims: np.ndarray, multiple: int = DEFAULT_MULTIPLE) -> int:
+    """The largest change in parameter count from moving one layer's kept dimension by one multiple."""
+    dims = np.asarray(dims, dtype=np.int64)
+    base, steps = params(shape, dims), []
+    for i in range(dims.size):
+        for delta in (-multiple, multiple):
+            moved = dims.copy()
+            moved[i] += delta
+            if multiple <= moved[i] <= shape.hidden_size:
+                steps.append(abs(params(shape, moved) - base))
+    return max(steps)
+
+
 def matched_sp(
     lr: np.ndarray,
     target_params: int,
@@ -373,16 +403,19 @@ def matched_sp(
     """The SP whose (SP, SB) allocation has the parameter count nearest `target_params` (matched-size rows).
 
     Constant slicing rounds every layer down and so removes more than SP asks; the dynamic row that
-    it is compared with is sliced at this SP instead of the nominal one, so both hold the same count.
+    it is compared with is sliced at this SP instead of the nominal one, so both hold the same count
+    (within `rel_tol`, or within one rounding step where a small model's step is coarser than that).
     """
     lr = np.asarray(lr, dtype=np.float64)
 
+    def dims(sp: float) -> np.ndarray:
+        return allocate(lr, sp, sb, shape.hidden_size, fs_max, multiple).kept_dim
+
     def gap(sp: float) -> float:
         try:
-            dims = allocate(lr, sp, sb, shape.hidden_size, fs_max, multiple).kept_dim
+            return params(shape, dims(sp)) - int(target_params)
         except ValueError:  # SP out of reach for these scores: count it as slicing too much
             return -np.inf
-        return int(sliced_param_count(shape, dims)["total"]) - int(target_params)
 
     low, high = sb + 1e-9, fs_max - 1e-9  # the count falls as SP grows: bisect on its sign
     if gap(low) < 0 or gap(high) > 0:
@@ -391,6 +424,35 @@ def matched_sp(
         mid = (low + high) / 2
         low, high = (mid, high) if gap(mid) > 0 else (low, mid)
     best = min((low, high), key=lambda sp: abs(gap(sp)))
-    if not abs(gap(best)) <= rel_tol * target_params:
+    if abs(gap(best)) > max(rel_tol * target_params, rounding_step(shape, dims(best), multiple)):
         raise ValueError(f"No reachable SP with SB={sb} comes within {rel_tol:.1%} of {target_params} parameters.")
     return best
+
+
+SIZES = ("matched", "nominal")  # the two size conventions of `layer_allocation`
+
+
+def layer_allocation(
+    scores: np.ndarray,
+    sp: float,
+    sb: float,
+    shape: ModelShape,
+    size: str = "matched",
+    target: int | None = None,
+    fs_max: float = DEFAULT_FS_MAX,
+    multiple: int = DEFAULT_MULTIPLE,
+) -> Allocation:
+    """The one way from per-layer scores (higher = slice more) to kept dimensions: the SP/SB formula at a size.
+
+    "matched" (every command's default and the gallery's) slices at the SP whose parameter count equals
+    `target`, by default constant slicing's count at `sp` (which rounds every layer down, so it removes more
+    than SP asks): dynamic and constant rows then hold the same count. SB = SP is constant slicing, its own
+    budget. "nominal" slices at `sp` itself: the realised mean slice is as close to SP as the rounding allows.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}.")
+    if size == "nominal" or (target is None and np.isclose(sb, sp)):
+        return allocate(scores, sp, sb, shape.hidden_size, fs_max, multiple)
+    target = budget(shape, sp, multiple) if target is None else target
+    matched = matched_sp(scores, target, sb, shape, fs_max, multiple)
+    return allocate(scores, matched, sb, shape.hidden_size, fs_max, multiple)

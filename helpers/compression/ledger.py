@@ -14,7 +14,8 @@ import copy
 import pandas as pd
 from torch import nn
 
-from helpers.compression.slicing import constant_dims, rotate_and_slice, untie_sliced
+from helpers.compression.allocation import ModelShape, constant_dims
+from helpers.compression.slicing import rotate_and_slice, untie_sliced
 from helpers.models.adapters import get_adapter
 
 PARTS = ("embeddings", "head", "attention", "mlp", "shortcuts", "post_norm_maps", "norms", "replacement", "other")
@@ -101,7 +102,9 @@ def layout_ledger(
         tied = (reuse or {}).get(fraction)
         if tied is None:
             tied = copy.deepcopy(model)
-            rotate_and_slice(tied, calib_ids, constant_dims(tied, fraction), progress=False)
+            rotate_and_slice(
+                tied, calib_ids, constant_dims(ModelShape.from_config(tied.config), fraction), progress=False
+            )
         untied = untie_sliced(copy.deepcopy(tied))
         for layout, sliced in (("untied", untied), ("tied", tied)):
             rows.append({"slice": fraction, "layout": layout, **ledger_totals(parameter_ledger(sliced))})

@@ -33,6 +33,8 @@ from helpers.models.pruned_layers import ReplacementBlock, build_replacement
 
 KINDS = ("ffn", "swiglu", "layer")
 
+REPLACEMENT_STEPS = 150  # training steps of a replacement block: the gallery's depth comparison
+
 
 def _check_block(model: nn.Module, start: int, n: int) -> None:
     total = len(get_adapter(model).layers(model))
@@ -167,7 +169,7 @@ def train_replacement(
     hidden: int | None = None,
     init_from: int | None = None,
     lr: float | None = None,
-    max_steps: int = 400,
+    max_steps: int = REPLACEMENT_STEPS,
     eval_every: int = 20,
     patience: int = 5,
     weight_decay: float = 0.0,

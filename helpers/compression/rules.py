@@ -1,13 +1,11 @@
-"""Allocation rules: per-layer scores -> per-layer kept dimensions at the parameter budget of constant slicing.
+"""The allocations of the rules that do not go through the SP/SB formula, and rank correlations of scores.
 
-docs/method.md section 6. Every rule returns kept dimensions (multiples of 8) whose parameter count
-is within one rounding step of constant slicing's realised count at the same SP, so that rules are
-compared at the same size. Score-based rules (`lr`, `block_influence`, `angular`, `gradient`,
-`measured`) go through the paper's SP/SB formula (`allocation.allocate`) at the SP that matches the
-budget (`allocation.matched_sp`); their scores are oriented "higher = more redundant = slice more".
-`spare_ends` slices every layer alike (up to one multiple) except the first and last, which stay whole. `spectral` keeps
-the most PCA energy for the budget, greedily, on spectra from one full-dimension rotation pass.
-Pure NumPy: the model-dependent scores come from `helpers.evaluation.sensitivity`.
+docs/method.md section 6. Both return kept dimensions (multiples of 8) whose parameter count is within one
+rounding step of constant slicing's realised count at the same SP (`allocation.budget`), so that rules are
+compared at the same size: `spare_ends_dims` slices every layer alike (up to one multiple) except the first
+and last, which stay whole; `spectral_dims` keeps the most PCA energy for the budget, greedily, on spectra
+from one full-dimension rotation pass. The registry of every rule is `helpers.evaluation.allocation_rules`.
+Pure NumPy.
 """
 
 from __future__ import annotations
@@ -21,49 +19,8 @@ from helpers.compression.allocation import (
     DEFAULT_FS_MAX,
     DEFAULT_MULTIPLE,
     ModelShape,
-    allocate,
-    kept_dims,
-    matched_sp,
-    sliced_param_count,
+    params,
 )
-
-SCORED_RULES = ("lr", "block_influence", "angular", "gradient", "measured")  # through the SP/SB formula
-RULES = ("constant", *SCORED_RULES, "spare_ends", "spectral")
-BASE_SLICE = 0.0  # SB of every formula rule: the SB the selection book picks at every SP on SmolLM2
-
-
-def params(shape: ModelShape, dims: np.ndarray) -> int:
-    """Parameter count of the model sliced to `dims` (allocation.sliced_param_count's total)."""
-    return int(sliced_param_count(shape, np.asarray(dims, dtype=np.int64))["total"])
-
-
-def constant_dims(shape: ModelShape, sp: float, multiple: int = DEFAULT_MULTIPLE) -> np.ndarray:
-    """SliceGPT's constant slicing: every layer keeps (1 - SP) d rounded down to a multiple."""
-    return kept_dims(np.full(shape.n_layers, float(sp)), shape.hidden_size, multiple)
-
-
-def budget(shape: ModelShape, sp: float) -> int:
-    """The parameter count every rule must match at `sp`: constant slicing's realised count."""
-    return params(shape, constant_dims(shape, sp))
-
-
-def rounding_step(shape: ModelShape, dims: np.ndarray, multiple: int = DEFAULT_MULTIPLE) -> int:
-    """The largest change in parameter count from moving one layer's kept dimension by one multiple."""
-    dims = np.asarray(dims, dtype=np.int64)
-    base, steps = params(shape, dims), []
-    for i in range(dims.size):
-        for delta in (-multiple, multiple):
-            moved = dims.copy()
-            moved[i] += delta
-            if multiple <= moved[i] <= shape.hidden_size:
-                steps.append(abs(params(shape, moved) - base))
-    return max(steps)
-
-
-def formula_dims(redundancy: np.ndarray, target: int, shape: ModelShape, sb: float = BASE_SLICE) -> np.ndarray:
-    """Kept dimensions from the SP/SB formula on `redundancy` (higher = slice more) at `target` parameters."""
-    sp = matched_sp(redundancy, target, sb, shape)
-    return allocate(redundancy, sp, sb, shape.hidden_size).kept_dim
 
 
 def spare_ends_dims(target: int, shape: ModelShape, multiple: int = DEFAULT_MULTIPLE) -> np.ndarray:
@@ -136,34 +93,6 @@ def spectral_dims(
         previous, previous_count = dims, count
         dims, count = best, params(shape, best)
     return previous if abs(previous_count - target) < abs(count - target) else dims
-
-
-def rule_dims(
-    rule: str,
-    shape: ModelShape,
-    sp: float,
-    scores: pd.DataFrame | None = None,
-    spectra: Mapping[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Kept dimensions of `rule` at constant slicing's parameter count at `sp`.
-
-    `scores` has one column per scored rule (higher = more redundant), one row per layer;
-    `spectra` the full-dimension eigenvalues (spectral rule).
-    """
-    if rule not in RULES:
-        raise ValueError(f"Unknown allocation rule {rule!r}; use one of {', '.join(RULES)}.")
-    target = budget(shape, sp)
-    if rule == "constant":
-        return constant_dims(shape, sp)
-    if rule == "spare_ends":
-        return spare_ends_dims(target, shape)
-    if rule == "spectral":
-        if spectra is None:
-            raise ValueError("The spectral rule needs the eigenvalue spectra (sensitivity.full_spectra).")
-        return spectral_dims(spectra, target, shape)
-    if scores is None or rule not in scores.columns:
-        raise ValueError(f"Rule {rule!r} needs a '{rule}' column of per-layer scores.")
-    return formula_dims(scores[rule].to_numpy(dtype=np.float64), target, shape)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

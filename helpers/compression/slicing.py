@@ -44,8 +44,6 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from helpers.compression import allocation
-from helpers.compression.allocation import kept_dims
 from helpers.infra.integrity import (
     CHECKSUM_FIELD,
     check_calibration_tokens,
@@ -292,15 +290,6 @@ def check_dims(dims: Sequence[int], n_layers: int, hidden_size: int) -> list[int
     if bad:
         raise ValueError(f"Every kept dimension must be in [1, {hidden_size}]; got {bad}.")
     return dims
-
-
-def constant_dims(model_or_config, slice_fraction: float, multiple: int = 8) -> list[int]:
-    """One dimension for every layer: (1 - slice) x d rounded down to a multiple of `multiple` (SliceGPT)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    if not 0 <= slice_fraction < 1:
-        raise ValueError(f"slice_fraction must be in [0, 1), got {slice_fraction}.")
-    fs = np.full(config.num_hidden_layers, slice_fraction)
-    return [int(d) for d in kept_dims(fs, config.hidden_size, multiple)]
 
 
 def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -575,21 +564,6 @@ def untie_sliced(model: nn.Module) -> nn.Module:
     return model
 
 
-def slice_model(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    dims: Sequence[int] | None = None,
-    slice_fraction: float | None = None,
-    **kwargs,
-) -> SlicingInfo:
-    """`rotate_and_slice` with either explicit per-layer `dims` or one constant `slice_fraction`."""
-    if (dims is None) == (slice_fraction is None):
-        raise ValueError("Give exactly one of dims (per-layer) or slice_fraction (constant).")
-    if dims is None:
-        dims = constant_dims(model, slice_fraction)
-    return rotate_and_slice(model, input_ids, dims, **kwargs)
-
-
 # ---------------------------------------------------------------------------------------------
 # Save and reload
 # ---------------------------------------------------------------------------------------------
@@ -665,23 +639,3 @@ def load_sliced(
     model.name_or_path = str(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
     return model, tokenizer
-
-
-def allocation_dims(
-    lr: Sequence[float],
-    sp: float,
-    sb: float,
-    hidden_size: int,
-    fs_max: float | None = None,
-    multiple: int | None = None,
-) -> list[int]:
-    """Per-layer kept dimensions for (SP, SB) from LR scores: `allocation.allocate(...).kept_dim` as a list."""
-    result = allocation.allocate(
-        np.asarray(lr, dtype=np.float64),
-        sp,
-        sb,
-        hidden_size=hidden_size,
-        fs_max=allocation.DEFAULT_FS_MAX if fs_max is None else fs_max,
-        multiple=allocation.DEFAULT_MULTIPLE if multiple is None else multiple,
-    )
-    return [int(v) for v in result.kept_dim]

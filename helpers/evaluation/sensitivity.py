@@ -18,11 +18,9 @@ import copy
 from collections.abc import Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from helpers.analysis.block_scores import block_scores
 from helpers.analysis.capture import LayerStatistic, stream_statistics
 from helpers.compression.slicing import DAMPING, rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
@@ -143,31 +141,3 @@ def measured_sensitivity(
         with projected_input(model, index, basis[:, :keep]):
             scores.append(perplexity_on_ids(model, ids, progress=False).perplexity - dense)
     return np.array(scores)
-
-
-def layer_scores(
-    model: nn.Module,
-    calib: torch.Tensor,
-    held_out: torch.Tensor,
-    keep: int,
-    spectra: dict[str, np.ndarray],
-    seed: int = 0,
-    lr: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """Every rule's per-layer score, oriented higher = more redundant (docs/method.md section 6).
-
-    `keep` is constant slicing's kept dimension; `spectra` the full-dimension eigenvalues
-    (`full_spectra`); `lr` an already computed LR vector (else measured here on `calib`).
-    """
-    blocks = block_scores(model, calib, progress=False)
-    bases = input_bases(model, calib)
-    return pd.DataFrame(
-        {
-            "lr": blocks.lr() if lr is None else np.asarray(lr, dtype=np.float64),
-            "block_influence": -blocks.bi(),
-            "angular": 1 - np.diag(blocks.ang_last, k=1),
-            "spectral": spectral_scores(spectra, keep, len(bases)),
-            "gradient": -gradient_sensitivity(model, calib, keep, bases, seed),
-            "measured": -measured_sensitivity(model, held_out, keep, bases, seed),
-        }
-    )

@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from helpers.evaluation.tasks import Question, load_task
+from helpers.evaluation.tasks import ACC_ONLY, Question, load_task
 from helpers.infra.progress import progress_bar
 from helpers.infra.textdata import bos_id
 from helpers.models.adapters import get_adapter
 
 SCORERS = ("shared", "full")  # shared context + KV cache (default), or one whole forward per row
+
+SCORING_DTYPE = "bfloat16"  # zero-shot scoring precision of every table (the model is built in float32)
 
 
 @dataclass
@@ -40,7 +42,7 @@ class TaskResult:
     """Summary metrics plus per-question records (option scores are what stability metrics need)."""
 
     task: str
-    summary: dict  # {"acc", "acc_norm", "n"}; acc_norm is None for WinoGrande
+    summary: dict  # {"acc", "acc_norm", "n"}; acc_norm is None for the tasks in tasks.ACC_ONLY
     option_scores: list[np.ndarray]  # per question: sum of continuation log-probabilities per option
     option_lengths: list[np.ndarray]  # per question: characters per option used by acc_norm
     labels: np.ndarray
@@ -59,7 +61,7 @@ def summarise(task: str, option_scores: list[np.ndarray], option_lengths: list[n
     result = TaskResult(task, {}, option_scores, option_lengths, np.asarray(labels, dtype=int))
     result.summary = {
         "acc": float(np.mean(result.pred == result.labels)),
-        "acc_norm": None if task == "winogrande" else float(np.mean(result.pred_norm == result.labels)),
+        "acc_norm": None if task in ACC_ONLY else float(np.mean(result.pred_norm == result.labels)),
         "n": len(result.labels),
     }
     return result

@@ -6,7 +6,8 @@ one layer) layers for ShortGPT and LLM-Streamline, and for the hybrid (the
 dynamic-slicing paper's future work) the k = n // 2 layers with the lowest
 Block Influence are removed first and the remaining layers are sliced
 dynamically by their recomputed LR, with the slice fraction searched so that
-the total matches. Each variant is built from a fresh copy of the dense model,
+the total matches (`allocation.layer_allocation`, the one size matching of
+every slicing row). Each variant is built from a fresh copy of the dense model,
 evaluated (perplexity, zero-shot accuracy, stability against the dense model,
 forward speed), and cached as one cell, so an interrupted run resumes.
 Parameter counts are realised (unique tensors counted once, the ledger's total; the ledger itself
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import gc
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -27,63 +28,47 @@ from torch import nn
 
 from helpers.analysis.block_scores import BlockScores, block_scores
 from helpers.analysis.redundancy import layer_redundancy
-from helpers.compression.allocation import ModelShape, dense_param_count, matched_sp, sliced_param_count
+from helpers.compression.allocation import Allocation, ModelShape, budget, dense_param_count, layer_allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.depth import parameter_count, remove_layers
 from helpers.compression.replacement import prune_model
-from helpers.compression.slicing import allocation_dims, constant_dims, slice_model
+from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation import stats
-from helpers.evaluation.perplexity import perplexity
 from helpers.evaluation.speed import prefill_throughput
 from helpers.evaluation.stability import stability
-from helpers.evaluation.tasks import PAPER_TASKS, paper_metric
-from helpers.evaluation.zeroshot import evaluate
+from helpers.evaluation.tasks import paper_metric
+from helpers.experiments.measure import measure, per_character_scores
 from helpers.experiments.results import CellCache
-from helpers.infra.integrity import code_fingerprint
+from helpers.infra.integrity import code_fingerprint, imported_code
 from helpers.infra.progress import progress_bar
 from helpers.infra.storage import DATA_DIR, markdown_table
-from helpers.infra.textdata import load_split
+from helpers.infra.textdata import load_split, load_windows
 from helpers.models.adapters import get_adapter
-from helpers.models.loading import DEFAULT_MODEL
 
 DEPTH_TABLE = DATA_DIR / "runs" / "depth_comparison"  # where the CLI and notebook 05 write the table (CSV + Markdown)
-
-# The modules whose source shapes a comparison cell: a change to any of them computes fresh cells.
-COMPARE_CODE = (
-    "helpers.experiments.compare",
-    "helpers.analysis.block_scores",
-    "helpers.compression.depth",
-    "helpers.compression.replacement",
-    "helpers.evaluation.stability",
-    "helpers.compression.slicing",
-    "helpers.compression.allocation",
-    "helpers.evaluation.perplexity",
-    "helpers.evaluation.zeroshot",
-    "helpers.evaluation.tasks",
-    "helpers.infra.textdata",
-)
 
 
 @dataclass(frozen=True)
 class CompareSettings:
-    """Everything that determines the comparison table (also its cache key)."""
+    """Everything that determines the comparison table (also its cache key); built from the one `Settings` of the
+    tables and figures by `reports.depth_settings`, so that its defaults are the presets'."""
 
-    model: str = DEFAULT_MODEL
-    calib: str = "gutenberg"  # calibration text: block scores, LR, PCA, replacement training
-    seqlen: int = 256
-    calib_windows: int = 32
-    train_windows: int = 32  # replacement training windows, after the calibration ones
+    model: str
+    calib: str  # calibration text: block scores, LR, PCA, replacement training
+    seqlen: int
+    calib_windows: int
+    train_windows: int  # replacement training windows, after the calibration ones
+    slice_fraction: float  # constant slicing's SP; everything else is matched to its parameter count
+    base_slice: float  # SB of dynamic slicing (0 = fully dynamic)
+    max_steps: int  # replacement training steps
+    eval_text: str
+    eval_seqlen: int
+    eval_windows: int
+    tasks: tuple[str, ...]
+    task_limit: int | None
+    dtype: str  # zero-shot scoring precision (building the variants stays float32)
     val_windows: int = 8  # held-out windows for early stopping
-    slice_fraction: float = 0.25  # constant slicing's SP; everything else is matched to its parameter count
-    base_slice: float = 0.15  # SB of dynamic slicing (0 = fully dynamic)
     replacement: str = "ffn"
-    max_steps: int = 300
-    eval_text: str = "twenty-thousand-leagues"  # not in the first calibration windows of "gutenberg"
-    eval_seqlen: int = 256
-    eval_windows: int = 16
-    tasks: tuple[str, ...] = PAPER_TASKS
-    task_limit: int = 50
-    dtype: str = "float32"  # zero-shot scoring precision (building the variants stays float32)
     batch_size: int = 4
 
 
@@ -95,49 +80,31 @@ def _shape(model: nn.Module):
     return ModelShape.from_config(model.config)
 
 
-def plan(model: nn.Module, scores: BlockScores, lr: np.ndarray, settings: CompareSettings) -> dict:
-    """How many layers each depth method removes, the SP that gives dynamic slicing constant slicing's count,
-    and the hybrid's split: every row matched to constant slicing."""
+def plan(model: nn.Module, scores: BlockScores, settings: CompareSettings) -> dict:
+    """How many layers each depth method removes and the hybrid's split, every row matched to the parameter
+    count of constant slicing at `slice_fraction` (slicing rows reach it through `allocation.layer_allocation`)."""
     shape = _shape(model)
     dense = dense_param_count(shape)["total"]
-    target = sliced_param_count(shape, np.array(constant_dims(model, settings.slice_fraction)))["total"]
+    target = budget(shape, settings.slice_fraction)
     per_layer = parameter_count(get_adapter(model).layers(model)[0])
     n = max(1, round((dense - target) / per_layer))
-    k = max(1, n // 2)
-    hybrid_shape = replace(shape, n_layers=shape.n_layers - k)
-    kept = [i for i in range(len(lr)) if i not in scores.choose("shortgpt", k)]
-    best = None
-    for sp in np.arange(0.01, 0.9, 0.01):  # LR of the kept layers here; the build recomputes it after removal
-        sb = sp * settings.base_slice / settings.slice_fraction
-        dims = allocation_dims(lr[kept], float(sp), float(sb), shape.hidden_size)
-        gap = abs(sliced_param_count(hybrid_shape, np.array(dims))["total"] - target)
-        if best is None or gap < best[0]:
-            best = (gap, float(sp))
-    return dict(
-        dense_params=dense,
-        target_params=target,
-        layer_params=per_layer,
-        n=n,
-        dynamic_sp=matched_sp(lr, target, settings.base_slice, shape),
-        hybrid_k=k,
-        hybrid_sp=round(best[1], 2),
-    )
+    return dict(dense_params=dense, target_params=target, layer_params=per_layer, n=n, hybrid_k=max(1, n // 2))
 
 
-def _sliced(model: nn.Module, dims: list[int], ctx: dict, settings: CompareSettings) -> nn.Module:
-    slice_model(model, ctx["calib_ids"], dims=dims, batch_size=settings.batch_size, progress=False)
-    return model
+def _sliced(model: nn.Module, alloc: Allocation, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
+    dims = [int(d) for d in alloc.kept_dim]
+    rotate_and_slice(model, ctx["calib_ids"], dims, batch_size=settings.batch_size, progress=False)
+    return model, dict(dims=dims, slice_fraction=alloc.sp)
 
 
 def _constant_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
-    dims = constant_dims(model, settings.slice_fraction)
-    return _sliced(model, dims, ctx, settings), dict(dims=dims)
+    sp = settings.slice_fraction
+    return _sliced(model, layer_allocation(ctx["lr"], sp, sp, _shape(model)), ctx, settings)
 
 
 def _dynamic_slicing(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
-    sp = ctx["plan"]["dynamic_sp"]  # matched to constant slicing's count, which rounds every layer down
-    dims = allocation_dims(ctx["lr"], sp, settings.base_slice, model.config.hidden_size)
-    return _sliced(model, dims, ctx, settings), dict(dims=dims, slice_fraction=sp)
+    alloc = layer_allocation(ctx["lr"], settings.slice_fraction, settings.base_slice, _shape(model))
+    return _sliced(model, alloc, ctx, settings)
 
 
 def _shortgpt(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
@@ -167,13 +134,15 @@ def _streamline_replacement(model: nn.Module, ctx: dict, settings: CompareSettin
 
 
 def _hybrid(model: nn.Module, ctx: dict, settings: CompareSettings) -> tuple[nn.Module, dict]:
-    """ShortGPT removes the planned layers, then dynamic slicing on the LR of the layers that remain."""
+    """ShortGPT removes the planned layers, then dynamic slicing on the LR of the layers that remain, at the SP
+    that brings the whole model to the planned count."""
     removed = ctx["scores"].choose("shortgpt", ctx["plan"]["hybrid_k"])
     remove_layers(model, removed)
-    sp = ctx["plan"]["hybrid_sp"]
     lr = _lr(model, ctx["calib_ids"], settings.batch_size)
-    dims = allocation_dims(lr, sp, sp * settings.base_slice / settings.slice_fraction, model.config.hidden_size)
-    return _sliced(model, dims, ctx, settings), dict(removed=removed, dims=dims, slice_fraction=sp)
+    target = ctx["plan"]["target_params"]
+    alloc = layer_allocation(lr, settings.slice_fraction, settings.base_slice, _shape(model), target=target)
+    model, info = _sliced(model, alloc, ctx, settings)
+    return model, dict(removed=removed, **info)
 
 
 _BUILDERS = {  # the order of the table's rows
@@ -197,30 +166,18 @@ def build_variant(name: str, dense: nn.Module, ctx: dict, settings: CompareSetti
     return _BUILDERS[name](copy.deepcopy(dense), ctx, settings)
 
 
-def evaluate_variant(model: nn.Module, tokenizer, settings: CompareSettings, speed_ids: torch.Tensor) -> dict:
-    """Perplexity, per-task accuracy with the option scores behind it, parameters and speed."""
-    ppl = perplexity(
-        model,
-        tokenizer,
-        settings.eval_text,
-        settings.eval_seqlen,
-        settings.eval_windows,
-        settings.batch_size,
-        progress=False,
-    )
-    tasks = {}
-    scored = evaluate(
-        model, tokenizer, list(settings.tasks), settings.task_limit, 8, dtype=getattr(torch, settings.dtype)
-    )
-    for task, result in scored.items():
+def evaluate_variant(
+    model: nn.Module, tokenizer, settings: CompareSettings, eval_ids: torch.Tensor, speed_ids: torch.Tensor
+) -> dict:
+    """`measure.measure` (perplexity, per-task accuracy with the option scores behind it), parameters and speed."""
+    result = measure(model, tokenizer, eval_ids, dict.fromkeys(settings.tasks, settings.task_limit), settings.dtype)
+    ppl = result.perplexity
+    tasks = {
         # stability reads log-likelihood per character for every task (WinoGrande: of its shared continuation),
         # so that its softmax weights are on one scale
-        scores = [s / n for s, n in zip(result.option_scores, result.option_lengths, strict=True)]
-        tasks[task] = dict(
-            acc=result.summary[paper_metric(task)],
-            scores=[list(map(float, s)) for s in scores],
-            labels=[int(v) for v in result.labels],
-        )
+        task: dict(acc=r.summary[paper_metric(task)], scores=per_character_scores(r), labels=[int(v) for v in r.labels])
+        for task, r in result.tasks.items()
+    }
     return dict(
         perplexity=ppl.perplexity,
         window_nll=list(ppl.window_nll),
@@ -239,20 +196,21 @@ def _context(settings: CompareSettings, progress: bool) -> tuple[nn.Module, obje
     scores = block_scores(model, calib, settings.batch_size, progress=progress)
     lr = scores.lr()  # the block capture already holds every layer's input/output cosine
     ctx = dict(
+        eval_ids=load_windows(tokenizer, settings.eval_text, settings.eval_seqlen, settings.eval_windows),
         calib_ids=calib,
         train_ids=train,
         val_ids=val,
         scores=scores,
         lr=lr,
     )
-    ctx["plan"] = plan(model, scores, lr, settings)
+    ctx["plan"] = plan(model, scores, settings)
     return model, tokenizer, ctx
 
 
-def compare(settings: CompareSettings = CompareSettings(), progress: bool = True) -> tuple[pd.DataFrame, dict]:
+def compare(settings: CompareSettings, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """Build and evaluate every variant; return the table and the raw cells (with the training history)."""
     cache = CellCache("depth_compare")
-    code = code_fingerprint(*COMPARE_CODE)
+    code = code_fingerprint(*imported_code(__name__))  # this module and all it imports build the cells
     model, tokenizer, ctx = _context(settings, progress)
     speed_ids = ctx["calib_ids"][:2]
     cells = {}
@@ -261,7 +219,7 @@ def compare(settings: CompareSettings = CompareSettings(), progress: bool = True
 
         def compute(name=name) -> dict:
             variant, info = build_variant(name, model, ctx, settings)
-            result = dict(info=info, **evaluate_variant(variant, tokenizer, settings, speed_ids))
+            result = dict(info=info, **evaluate_variant(variant, tokenizer, settings, ctx["eval_ids"], speed_ids))
             del variant
             gc.collect()
             return result

@@ -20,10 +20,13 @@ import pandas as pd
 from helpers.compression import rules
 from helpers.compression.allocation import ModelShape
 from helpers.compression.slicing import rotate_and_slice
-from helpers.evaluation import sensitivity, stats
+from helpers.evaluation import allocation_rules, sensitivity, stats
+from helpers.evaluation.allocation_rules import RuleInputs
 from helpers.experiments import sb_selection
+from helpers.experiments.cells import Lab, cell_params, cell_result, flatten, sweep
+from helpers.experiments.presets import Settings
 from helpers.experiments.readings import read_rules_table, read_sb_selection
-from helpers.experiments.reproduce import Lab, Settings, cell_result, flatten, sweep, write_table
+from helpers.experiments.reports import write_table
 from helpers.experiments.results import CellCache, Manifest
 from helpers.infra.integrity import code_fingerprint
 from helpers.infra.progress import progress_bar
@@ -31,41 +34,41 @@ from helpers.infra.storage import markdown_table, write_text_atomic
 from helpers.models.loading import model_label
 from helpers.ui import plots
 
-SCORE_COLUMNS = ("lr", "block_influence", "angular", "spectral", "gradient", "measured")
-
 
 def _params(settings: Settings, **coordinates) -> dict:
-    """Cache key of scores and spectra: the sweep settings plus the code of `helpers.sensitivity`."""
-    return settings.cell_params(scores_code=code_fingerprint(sensitivity), **coordinates)
+    """Cache key of scores and spectra: the sweep settings plus the code of the rules and their measurements."""
+    return cell_params(settings, scores_code=code_fingerprint(sensitivity, allocation_rules), **coordinates)
 
 
-def spectra(lab: Lab, cache: CellCache) -> dict[str, np.ndarray]:
-    """The slicer's eigenvalues of a full-dimension rotation pass on the calibration windows (cached)."""
-    entry = cache.get_or_compute(
-        _params(lab.settings, kind="spectra"),
-        lambda: {k: v.tolist() for k, v in sensitivity.full_spectra(lab.model, lab.calib).items()},
+def rule_inputs(lab: Lab, cache: CellCache) -> RuleInputs:
+    """The rules' inputs on the lab's model and windows (held out: the selection windows), spectra cached."""
+    s = lab.settings
+    inputs = RuleInputs(
+        s.model, s.calib_text, s.seqlen, s.calib_windows, s.select_windows, s.seed, (lab.model, lab.tokenizer)
     )
-    return {k: np.asarray(v) for k, v in entry.items()}
+    inputs.known.update(shape=ModelShape.from_config(lab.model.config), lr=lab.lr["lr"].to_numpy())
+    inputs.known.update(dense=(lab.model, lab.tokenizer), calib=lab.calib, held_out=lab.select)
+    entry = cache.get_or_compute(_params(s, kind="spectra"), lambda: {k: v.tolist() for k, v in inputs.spectra.items()})
+    inputs.known["spectra"] = {k: np.asarray(v) for k, v in entry.items()}
+    return inputs
 
 
-def layer_scores(lab: Lab, sp: float, cache: CellCache) -> pd.DataFrame:
-    """Per layer, every rule's score at `sp` (`sensitivity.layer_scores`), cached per SP."""
-    keep = int(rules.constant_dims(ModelShape.from_config(lab.model.config), sp)[0])
+def layer_scores(lab: Lab, inputs: RuleInputs, sp: float, cache: CellCache) -> pd.DataFrame:
+    """Per layer, every scored rule's score at `sp` (`allocation_rules.score_table`), cached per SP."""
 
     def compute() -> dict:
-        table = sensitivity.layer_scores(
-            lab.model, lab.calib, lab.select, keep, spectra(lab, cache), lab.settings.seed, lab.lr["lr"].to_numpy()
-        )
-        return {k: [float(x) for x in v] for k, v in table.items()}
+        return {k: [float(x) for x in v] for k, v in allocation_rules.score_table(inputs, sp).items()}
 
     cached = cache.get_or_compute(_params(lab.settings, kind="scores", sp=sp), compute)
-    return pd.DataFrame(cached)[list(SCORE_COLUMNS)]  # the cache stores keys sorted
+    for name, values in cached.items():  # later rules read the cached scores instead of measuring again
+        inputs.known[("score", name, sp)] = np.asarray(values, dtype=np.float64)
+    return pd.DataFrame(cached)[allocation_rules.score_names()]  # the cache stores keys sorted
 
 
 def rule_cell(lab: Lab, dims: np.ndarray, sp: float, cache: CellCache) -> dict:
     """Measurements of the model sliced to `dims`: the sweep's cell when constant or LR allocate alike."""
-    for sb in (sp, rules.BASE_SLICE):  # constant, then LR at the base slice: cells the sweep already has
-        if np.array_equal(dims, lab.allocation(lab.sliced_sp(sp, sb), sb).kept_dim):
+    for sb in (sp, allocation_rules.BASE_SLICE):  # constant, then LR at the base slice: cells the sweep already has
+        if np.array_equal(dims, lab.allocation(sp, sb).kept_dim):
             return cell_result(lab, CellCache("sweep"), sp, sb)
 
     def compute() -> dict:
@@ -73,22 +76,24 @@ def rule_cell(lab: Lab, dims: np.ndarray, sp: float, cache: CellCache) -> dict:
         rotate_and_slice(model, lab.calib, [int(d) for d in dims], progress=False)
         return lab.measure(model)
 
-    return cache.get_or_compute(lab.settings.cell_params(kind="dims", dims=[int(d) for d in dims]), compute)
+    return cache.get_or_compute(cell_params(lab.settings, kind="dims", dims=[int(d) for d in dims]), compute)
 
 
 def rules_cells(lab: Lab, sps: tuple[float, ...], cache: CellCache | None = None) -> tuple[pd.DataFrame, dict]:
     """One flat row per (rule, SP) with its dims and measurements; and the score tables by SP."""
     cache = cache or CellCache("rules")
-    shape = ModelShape.from_config(lab.model.config)
-    rows, scores, eigenvalues = [], {}, spectra(lab, cache)
+    inputs = rule_inputs(lab, cache)
+    rows, scores = [], {}
     for sp in sps:
         if lab.progress:
             print(f"allocation rules at SP {sp:g}: per-layer scores (gradient and measured sensitivity take longest)")
-        scores[sp] = layer_scores(lab, sp, cache)
-        for rule in progress_bar(rules.RULES, desc=f"rules at SP {sp:g}", unit="rule", disable=not lab.progress):
-            dims = rules.rule_dims(rule, shape, sp, scores[sp], eigenvalues)
+        scores[sp] = layer_scores(lab, inputs, sp, cache)
+        for rule in progress_bar(
+            allocation_rules.RULES, desc=f"rules at SP {sp:g}", unit="rule", disable=not lab.progress
+        ):
+            dims = allocation_rules.rule_dims(rule, inputs, sp)
             row = {"rule": rule, "sp": sp, "dims": " ".join(str(int(d)) for d in dims)}
-            row["energy"] = rules.kept_energy(eigenvalues, dims)
+            row["energy"] = rules.kept_energy(inputs.spectra, dims)
             rows.append({**row, **rule_cell(lab, dims, sp, cache)})
     return flatten(rows, lab.settings.tasks), scores
 

@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from helpers.compression.allocation import ModelShape, layer_allocation
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import allocation_dims, rotate_and_slice
+from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.infra.progress import progress_bar
 
@@ -39,7 +40,7 @@ def sb_values(sp: float, step: float = 0.02) -> list[float]:
 
 def sb_sweep(
     model: nn.Module,
-    lr: Sequence[float],
+    scores: Sequence[float],
     sp: float,
     calib_ids: torch.Tensor,
     select_ids: torch.Tensor,
@@ -48,18 +49,23 @@ def sb_sweep(
     tied: bool | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    size: str = "matched",
 ) -> pd.DataFrame:
     """Slice a copy of the dense `model` for every SB in `sb_values(sp, step)`; perplexity on `select_ids`.
+
+    `scores`: per-layer scores, higher = slice more (LR, or any formula rule's `allocation_rules.rule_scores`);
+    each SB is allocated by `allocation.layer_allocation` at `size` (matched: the gallery's rows).
 
     Returns columns sp, sb, mean_slice (realised), params, perplexity, best
     (`best_dynamic`: the lowest perplexity among SB < SP, the paper's selection
     rule) and, with `eval_ids`, eval_perplexity. `select_ids` should come from a text other than the one
     used for the final evaluation.
     """
-    d = model.config.hidden_size
+    shape = ModelShape.from_config(model.config)
+    d, scores = shape.hidden_size, np.asarray(scores, dtype=np.float64)
     rows = []
     for sb in progress_bar(sb_values(sp, step), desc=f"SB sweep (SP={sp})", unit="SB", disable=not progress):
-        dims = allocation_dims(lr, sp, sb, d)
+        dims = [int(v) for v in layer_allocation(scores, sp, sb, shape, size).kept_dim]
         sliced = copy.deepcopy(model)
         rotate_and_slice(sliced, calib_ids, dims, tied=tied, batch_size=batch_size, progress=False)
         ppl = perplexity_on_ids(sliced, select_ids, batch_size=batch_size, progress=False).perplexity

@@ -9,6 +9,7 @@ No check trusts a file's modification time (an edit can restore it).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import hashlib
@@ -141,6 +142,41 @@ def code_fingerprint(*modules: ModuleType | type | Callable | str) -> str:
     for module in modules:
         digest.update(_source_hash(importlib.import_module(module) if isinstance(module, str) else module).encode())
     return digest.hexdigest()[:16]
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of `helpers` module `name` (a package's __init__.py), or None when `name` is no module."""
+    base = Path(__file__).resolve().parents[2].joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.cache
+def imported_code(root: str, leaves: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """`root` and every `helpers` module it imports, directly or through others (read from the source, not run).
+
+    The list of code that keys a cache, derived instead of kept by hand: a module that computes cells imports
+    everything its numbers depend on, so editing any of those computes fresh cells. `leaves` are listed but
+    not followed (a settings module: its values key the cache already, the code behind its defaults need not).
+    """
+    seen: set[str] = set()
+    todo = [root]
+    while todo:
+        name = todo.pop()
+        path = None if name in seen else _module_file(name)
+        if path is None:
+            continue
+        seen.add(name)
+        if name in leaves:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("helpers"):
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]  # submodules too
+            elif isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names if alias.name.startswith("helpers")]
+    return tuple(sorted(seen - {"helpers"}))
 
 
 def folder_checksums(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, str]:

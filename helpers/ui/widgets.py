@@ -1,7 +1,9 @@
 """Interactive SP/SB sliders over cached LR scores: the paper's Figure 1, redrawn on every change.
 
-Everything that needs disk (LR tables, model configs) is read once when the app is built;
-the slider callback only allocates (NumPy) and re-renders one pre-built figure into a PNG.
+Everything that needs disk (LR tables, model configs) is read once when the app is built; with LR
+(the default rule) the slider callback only allocates (NumPy) and re-renders one pre-built figure
+into a PNG. The rule selector offers every registered rule (`allocation_rules.RULES`); a rule whose
+scores need the model measures them once per SP on the LR table's own windows.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import numpy as np
 from helpers.compression.allocation import (
     DEFAULT_FS_MAX,
     DEFAULT_MULTIPLE,
+    SIZES,
     Allocation,
     ModelShape,
-    allocate,
     param_summary,
     read_lr_csv,
 )
+from helpers.evaluation.allocation_rules import RULES, RuleInputs, rule_allocation
 from helpers.infra.storage import CACHE_DIR, RUNS_DIR
 from helpers.ui.plots import AllocationFigure
 
@@ -33,12 +36,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LRChoice:
-    """One entry of the model selector: LR scores and the shape of the model they belong to."""
+    """One entry of the model selector: LR scores, the shape of their model, and the rules' inputs."""
 
     label: str
     model: str
     lr: np.ndarray
     shape: ModelShape
+    inputs: RuleInputs | None = None  # the LR table's model and windows (cache files name them); None: LR only
+
+
+def rule_inputs(path: Path, model: str, lr: np.ndarray, shape: ModelShape) -> RuleInputs | None:
+    """The rules' inputs of a cached LR table (MODEL__TEXT__L<seqlen>__N<windows>), its LR and shape known."""
+    parts = path.stem.split("__")
+    if len(parts) != 4 or not (parts[2][1:].isdigit() and parts[3][1:].isdigit()):
+        return None
+    inputs = RuleInputs(model, parts[1], int(parts[2][1:]), int(parts[3][1:]))
+    inputs.known.update(lr=lr, shape=shape)
+    return inputs
 
 
 def model_of_lr_file(path: Path) -> str:
@@ -78,14 +92,14 @@ def load_choices(paths: Iterable[Path]) -> dict[str, LRChoice]:
             log.warning("skipping %s: %d LR scores but %s has %d layers", path, lr.size, model, shapes[model].n_layers)
             continue
         label = lr_file_label(path)
-        choices[label] = LRChoice(label, model, lr, shapes[model])
+        choices[label] = LRChoice(label, model, lr, shapes[model], rule_inputs(path, model, lr, shapes[model]))
     if not choices:
         raise FileNotFoundError("No usable LR table found; compute one with: python -m helpers lr")
     return choices
 
 
 class SliderApp:
-    """SP and SB sliders (SB kept within [0, SP]), a model selector, Figure 1 and a readout."""
+    """SP and SB sliders (SB kept within [0, SP]), model, rule and size selectors, Figure 1 and a readout."""
 
     def __init__(
         self,
@@ -99,6 +113,8 @@ class SliderApp:
         style = {"description_width": "150px"}
         layout = widgets.Layout(width="520px")
         self.model = widgets.Dropdown(options=list(choices), description="LR scores", style=style, layout=layout)
+        self.rule = widgets.Dropdown(options=list(RULES), value="lr", description="rule", style=style, layout=layout)
+        self.size = widgets.ToggleButtons(options=SIZES, description="size", style=style)
         self.sp = widgets.FloatSlider(
             value=sp, min=0.0, max=0.9, step=0.01, description="SP (mean slice)", style=style, layout=layout
         )
@@ -108,18 +124,27 @@ class SliderApp:
         self.image = widgets.Image(format="png")
         self.readout = widgets.HTML(layout=widgets.Layout(width="700px"))  # wraps inside the figure's width
         self.last_seconds = 0.0
-        first = allocate(self.choice.lr, sp, sb, self.choice.shape.hidden_size, fs_max, multiple)
+        first = self.allocation(sp, sb)
         self.figure = AllocationFigure(first, title="Figure 1: slice allocation by Layer Redundancy")
         self.figure.warm()
         self.update()
         self.sp.observe(self._on_sp, names="value")
         self.sb.observe(self.update, names="value")
-        self.model.observe(self.update, names="value")
-        self.box = widgets.VBox([self.model, self.sp, self.sb, self.readout, self.image])
+        for control in (self.model, self.rule, self.size):
+            control.observe(self.update, names="value")
+        self.box = widgets.VBox([self.model, self.rule, self.size, self.sp, self.sb, self.readout, self.image])
 
     @property
     def choice(self) -> LRChoice:
         return self.choices[self.model.value]
+
+    def allocation(self, sp: float, sb: float) -> Allocation:
+        """The selected rule's allocation at (SP, SB) and the selected size, on the selected LR table's model."""
+        choice = self.choice
+        inputs = choice.inputs or RuleInputs(choice.model, None, 0, 0, known={"lr": choice.lr, "shape": choice.shape})
+        kwargs = {"fs_max": self.fs_max, "multiple": self.multiple}
+        sb = sb if RULES[self.rule.value].takes_sb else None
+        return rule_allocation(self.rule.value, inputs, sp, sb, self.size.value, **kwargs)
 
     def _on_sp(self, change: dict | None = None) -> None:
         if self.sb.value > self.sp.value:  # moving max below the value would also trigger update
@@ -134,9 +159,7 @@ class SliderApp:
         choice = self.choice
         model_changed = change is not None and change.get("owner") is self.model
         try:
-            alloc = allocate(
-                choice.lr, self.sp.value, self.sb.value, choice.shape.hidden_size, self.fs_max, self.multiple
-            )
+            alloc = self.allocation(self.sp.value, self.sb.value)
         except ValueError as err:  # an infeasible request: say why, keep the last figure
             self.readout.value = f"<b>cannot allocate:</b> {html.escape(str(err))}"
             return None
@@ -147,7 +170,8 @@ class SliderApp:
         counts = param_summary(choice.shape, alloc.kept_dim)
         self.readout.value = (
             f"<b>realised mean slice: <span class='realised-mean'>{alloc.realised_mean:.3f}</span></b> "
-            f"(requested SP {alloc.sp:.2f}, SB {alloc.sb:.2f}; kept dims multiple of {alloc.multiple}, "
+            f"(rule {self.rule.value}, {self.size.value} size: requested SP {self.sp.value:.2f}, sliced at "
+            f"SP {alloc.sp:.3f}, SB {alloc.sb:.2f}; kept dims multiple of {alloc.multiple}, "
             f"d = {alloc.hidden_size})<br>"
             f"<span style='white-space: normal; overflow-wrap: anywhere'>kept dims: "
             f"{', '.join(map(str, alloc.kept_dim))}</span><br>"
