@@ -312,7 +312,8 @@ def run_slice(args: argparse.Namespace) -> int:
     """Slice a model (constant when SB = SP, dynamic by Layer Redundancy otherwise) and save it."""
     from helpers.compression.checkpoints import load_model
     from helpers.compression.ledger import ledger_totals, parameter_ledger
-    from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+    from helpers.compression.sliced_io import save_sliced
+    from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice
     from helpers.infra.textdata import load_windows
 
     sb = args.sp if args.sb is None else args.sb

@@ -14,7 +14,8 @@ from helpers.analysis.redundancy import layer_redundancy
 from helpers.compression import allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice, save_sliced
+from helpers.compression.sliced_io import save_sliced
+from helpers.compression.slicing import allocation_dims, constant_dims, rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.zeroshot import encode_pair, evaluate_task
 from helpers.infra.textdata import load_windows

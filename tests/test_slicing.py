@@ -13,13 +13,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers.compression import allocation
 from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.sliced_io import load_sliced, save_sliced
 from helpers.compression.slicing import (
     constant_dims,
     gram,
-    load_sliced,
     make_rotation_invariant,
     rotate_and_slice,
-    save_sliced,
     slice_model,
     untie_sliced,
 )

@@ -24,14 +24,14 @@ more parameters in the tied layout). With `tied=True` the model keeps one V x d 
 table shared by input and output, plus a d x d_0 input matrix and the final
 norm's d-vector scale, instead of a second V x d_0 table. Everything family-specific
 (which norms, their scales, pre- or post-norm blocks, embedding scale,
-position tables) comes from the adapter (helpers/adapters).
+position tables) comes from the adapter (helpers/adapters). Saving and
+reloading a sliced model is helpers.compression.sliced_io.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -40,25 +40,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from helpers.compression import allocation
 from helpers.compression.allocation import kept_dims
 from helpers.infra.integrity import (
-    CHECKSUM_FIELD,
     check_calibration_tokens,
-    folder_checksums,
-    read_metadata,
-    verify_checksums,
 )
 from helpers.infra.memory import release_freed_memory
-from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
 from helpers.models.loading import pick_device
-from helpers.models.shareable import sliced_spec, write_shareable
 from helpers.models.sliced_layers import (
     RotatedEmbedding,
     TiedHead,
@@ -70,10 +62,6 @@ from helpers.models.sliced_layers import (
 
 log = logging.getLogger(__name__)
 
-SLICING_FILE = "slicing.json"  # marks a folder written by save_sliced
-FORMAT_VERSION = 2  # 2: the tied head stores the final norm's scale as a d-vector, not a d x d matrix
-SLICING_SCHEMA = {"format_version": "int", "hidden_size": "int", "dims": "ints", "tied": "bool"}
-SLICING_OPTIONAL = {"final_dim": "int"}  # absent in folders saved before the option: the full width
 DAMPING = 0.01  # fraction of the mean eigenvalue added to the covariance diagonal
 
 
@@ -386,7 +374,7 @@ def first_basis(model: nn.Module, calib: _Calibration, batches: Sequence[torch.T
     return basis
 
 
-def _writers(adapter: ModelAdapter, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+def residual_writers(adapter: ModelAdapter, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     """The two linear layers of a (sliced) layer that write the residual stream."""
     return layer.residual_writers(adapter.attention_output(layer), adapter.mlp_output(layer))
 
@@ -401,7 +389,7 @@ def slice_attention_half(
     set_linear(layer.attn_shortcut, basis_in)  # for now the half writes original coordinates
     outputs = calib.xs.map(lambda x: layer.attention_half(x.to(calib.device), **kwargs).cpu())
     basis_mid = calib.pca(outputs, f"mlp_{index}", basis_in.shape[1])
-    rotate_output(_writers(adapter, layer)[0], basis_mid)
+    rotate_output(residual_writers(adapter, layer)[0], basis_mid)
     set_linear(layer.attn_shortcut, basis_mid.T @ basis_in)
     calib.move_to(outputs, basis_mid)
 
@@ -418,7 +406,7 @@ def slice_mlp_half(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: i
         basis_out = torch.eye(d_out, dtype=torch.float64)
     else:
         basis_out = calib.pca(outputs, f"{'head' if last else 'attn'}_{index + 1}", d_out)
-    rotate_output(_writers(adapter, layer)[1], basis_out)
+    rotate_output(residual_writers(adapter, layer)[1], basis_out)
     set_linear(layer.mlp_shortcut, basis_out.T @ basis_mid)
     calib.move_to(outputs, basis_out)
 
@@ -596,105 +584,6 @@ def slice_model(
     if dims is None:
         dims = constant_dims(model, slice_fraction)
     return rotate_and_slice(model, input_ids, dims, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Save and reload
-# ---------------------------------------------------------------------------------------------
-
-
-def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> None:
-    """Turn a freshly built dense model into an (uninitialised) sliced one with the right shapes."""
-    adapter = get_adapter(model)
-    d, eps = model.config.hidden_size, adapter.norm_eps(model)
-    n_layers = len(adapter.layers(model))
-
-    def resize(linear: nn.Linear, n_in: int | None = None, n_out: int | None = None) -> None:
-        n_in, n_out = n_in or linear.in_features, n_out or linear.out_features
-        bias = None if linear.bias is None else torch.zeros(n_out)
-        set_linear(linear, torch.zeros(n_out, n_in), bias)
-
-    for i, layer in enumerate(list(adapter.layers(model))):
-        d_in, d_out = dims[i], dims[i + 1] if i + 1 < n_layers else final_dim
-        for linear in adapter.attention_inputs(layer) + adapter.mlp_inputs(layer):
-            resize(linear, n_in=d_in)
-        sliced = adapter.sliced_layer(layer, d_in, d_out, d, eps)
-        attention_writer, mlp_writer = _writers(adapter, sliced)
-        resize(attention_writer, n_out=d_in)
-        resize(mlp_writer, n_out=d_out)
-        adapter.set_layer(model, i, sliced)
-    table = adapter.embedding(model)
-    vocab = table.num_embeddings
-    head_bias = adapter.norm_bias(adapter.final_norm(model)) is not None  # folded into the head (LayerNorm)
-    for positions in adapter.position_tables(model):
-        positions.weight = nn.Parameter(torch.zeros(positions.num_embeddings, dims[0]), requires_grad=False)
-    adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
-    if tied:
-        adapter.set_embedding(model, RotatedEmbedding(table, dims[0]))
-        adapter.set_head(model, TiedHead(adapter.embedding(model).table))
-    else:
-        adapter.set_embedding(model, nn.Embedding(vocab, dims[0]))
-    if not tied or final_dim < d:
-        adapter.set_head(model, nn.Linear(final_dim, vocab, bias=head_bias))
-    model.config.tie_word_embeddings = False
-
-
-def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
-    """Write a sliced model to `folder`: model.safetensors, config.json, slicing.json, tokenizer files, modeling_lab.py.
-
-    The folder appears only when everything is written (helpers.infra.storage.atomic_path).
-    """
-    info: SlicingInfo | None = getattr(model, "slicing_info", None)
-    if info is None:
-        raise ValueError("This model has not been sliced (no slicing_info); run rotate_and_slice first.")
-    folder = Path(folder)
-    with atomic_path(folder, kind="sliced") as tmp:
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_shareable(tmp, sliced_spec(model))  # plain transformers loads it too (trust_remote_code=True)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model_type": model.config.model_type,
-            "hidden_size": info.hidden_size,
-            "dims": info.dims,
-            "tied": info.tied,
-            "final_dim": info.final_dim or info.hidden_size,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            CHECKSUM_FIELD: folder_checksums(tmp),  # verified on load
-        }
-        (tmp / SLICING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def load_sliced(
-    folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[nn.Module, object]:
-    """Reload a folder written by `save_sliced` as `(model, tokenizer)`, in eval mode on `device`."""
-    folder = Path(folder)
-    meta_path = folder / SLICING_FILE
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{folder} has no slicing.json: not a sliced model saved by save_sliced.")
-    meta = read_metadata(meta_path, SLICING_SCHEMA, {CHECKSUM_FIELD: "dict", **SLICING_OPTIONAL})
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{folder} uses slicing format {meta['format_version']}; expected {FORMAT_VERSION}.")
-    verify_checksums(folder, SLICING_FILE, meta.get(CHECKSUM_FIELD, {}))
-    config = AutoConfig.from_pretrained(folder)
-    get_adapter(config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    dims = check_dims(meta["dims"], config.num_hidden_layers, config.hidden_size)
-    final_dim = check_dims([meta.get("final_dim", config.hidden_size)], 1, config.hidden_size)[0]
-    _build_sliced_structure(model, dims, meta["tied"], final_dim)
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
-    if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match the sliced layout (missing {missing}, extra {unexpected}).")
-    model.slicing_info = SlicingInfo(dims=dims, tied=meta["tied"], hidden_size=config.hidden_size, final_dim=final_dim)
-    model.to(device=pick_device(device), dtype=dtype).eval()
-    model.name_or_path = str(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    return model, tokenizer
 
 
 def allocation_dims(

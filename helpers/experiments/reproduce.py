@@ -37,7 +37,8 @@ from helpers.analysis.redundancy import cached_layer_redundancy
 from helpers.compression.allocation import ModelShape, allocate, matched_sp, sliced_param_count
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import rotate_and_slice, save_sliced
+from helpers.compression.sliced_io import save_sliced
+from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation import speed, stats
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.speed import WORKLOADS

@@ -1,0 +1,124 @@
+"""Save and reload sliced models: the folder format written by `save_sliced` and read by `load_sliced`.
+
+A sliced folder holds model.safetensors, config.json, slicing.json (per-layer
+dims, layout, checksums), the tokenizer files and modeling_lab.py (plain
+transformers loads it too). The slicing recipe itself is helpers.compression.slicing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from helpers.compression.slicing import SlicingInfo, check_dims, residual_writers
+from helpers.infra.integrity import CHECKSUM_FIELD, folder_checksums, read_metadata, verify_checksums
+from helpers.infra.storage import atomic_path
+from helpers.models.adapters import get_adapter
+from helpers.models.loading import pick_device
+from helpers.models.shareable import sliced_spec, write_shareable
+from helpers.models.sliced_layers import RotatedEmbedding, TiedHead, WeightlessRMSNorm, set_linear
+
+SLICING_FILE = "slicing.json"  # marks a folder written by save_sliced
+FORMAT_VERSION = 2  # 2: the tied head stores the final norm's scale as a d-vector, not a d x d matrix
+SLICING_SCHEMA = {"format_version": "int", "hidden_size": "int", "dims": "ints", "tied": "bool"}
+SLICING_OPTIONAL = {"final_dim": "int"}  # absent in folders saved before the option: the full width
+
+
+def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> None:
+    """Turn a freshly built dense model into an (uninitialised) sliced one with the right shapes."""
+    adapter = get_adapter(model)
+    d, eps = model.config.hidden_size, adapter.norm_eps(model)
+    n_layers = len(adapter.layers(model))
+
+    def resize(linear: nn.Linear, n_in: int | None = None, n_out: int | None = None) -> None:
+        n_in, n_out = n_in or linear.in_features, n_out or linear.out_features
+        bias = None if linear.bias is None else torch.zeros(n_out)
+        set_linear(linear, torch.zeros(n_out, n_in), bias)
+
+    for i, layer in enumerate(list(adapter.layers(model))):
+        d_in, d_out = dims[i], dims[i + 1] if i + 1 < n_layers else final_dim
+        for linear in adapter.attention_inputs(layer) + adapter.mlp_inputs(layer):
+            resize(linear, n_in=d_in)
+        sliced = adapter.sliced_layer(layer, d_in, d_out, d, eps)
+        attention_writer, mlp_writer = residual_writers(adapter, sliced)
+        resize(attention_writer, n_out=d_in)
+        resize(mlp_writer, n_out=d_out)
+        adapter.set_layer(model, i, sliced)
+    table = adapter.embedding(model)
+    vocab = table.num_embeddings
+    head_bias = adapter.norm_bias(adapter.final_norm(model)) is not None  # folded into the head (LayerNorm)
+    for positions in adapter.position_tables(model):
+        positions.weight = nn.Parameter(torch.zeros(positions.num_embeddings, dims[0]), requires_grad=False)
+    adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
+    if tied:
+        adapter.set_embedding(model, RotatedEmbedding(table, dims[0]))
+        adapter.set_head(model, TiedHead(adapter.embedding(model).table))
+    else:
+        adapter.set_embedding(model, nn.Embedding(vocab, dims[0]))
+    if not tied or final_dim < d:
+        adapter.set_head(model, nn.Linear(final_dim, vocab, bias=head_bias))
+    model.config.tie_word_embeddings = False
+
+
+def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
+    """Write a sliced model to `folder`: model.safetensors, config.json, slicing.json, tokenizer files, modeling_lab.py.
+
+    The folder appears only when everything is written (helpers.infra.storage.atomic_path).
+    """
+    info: SlicingInfo | None = getattr(model, "slicing_info", None)
+    if info is None:
+        raise ValueError("This model has not been sliced (no slicing_info); run rotate_and_slice first.")
+    folder = Path(folder)
+    with atomic_path(folder, kind="sliced") as tmp:
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_shareable(tmp, sliced_spec(model))  # plain transformers loads it too (trust_remote_code=True)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model_type": model.config.model_type,
+            "hidden_size": info.hidden_size,
+            "dims": info.dims,
+            "tied": info.tied,
+            "final_dim": info.final_dim or info.hidden_size,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            CHECKSUM_FIELD: folder_checksums(tmp),  # verified on load
+        }
+        (tmp / SLICING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def load_sliced(
+    folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object]:
+    """Reload a folder written by `save_sliced` as `(model, tokenizer)`, in eval mode on `device`."""
+    folder = Path(folder)
+    meta_path = folder / SLICING_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{folder} has no slicing.json: not a sliced model saved by save_sliced.")
+    meta = read_metadata(meta_path, SLICING_SCHEMA, {CHECKSUM_FIELD: "dict", **SLICING_OPTIONAL})
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{folder} uses slicing format {meta['format_version']}; expected {FORMAT_VERSION}.")
+    verify_checksums(folder, SLICING_FILE, meta.get(CHECKSUM_FIELD, {}))
+    config = AutoConfig.from_pretrained(folder)
+    get_adapter(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    dims = check_dims(meta["dims"], config.num_hidden_layers, config.hidden_size)
+    final_dim = check_dims([meta.get("final_dim", config.hidden_size)], 1, config.hidden_size)[0]
+    _build_sliced_structure(model, dims, meta["tied"], final_dim)
+    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match the sliced layout (missing {missing}, extra {unexpected}).")
+    model.slicing_info = SlicingInfo(dims=dims, tied=meta["tied"], hidden_size=config.hidden_size, final_dim=final_dim)
+    model.to(device=pick_device(device), dtype=dtype).eval()
+    model.name_or_path = str(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    return model, tokenizer
