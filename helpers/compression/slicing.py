@@ -55,8 +55,10 @@ from helpers.models.sliced_layers import (
     RotatedEmbedding,
     TiedHead,
     WeightlessRMSNorm,
+    linear_from,
     rotate_input,
     rotate_output,
+    rowwise,
     set_linear,
 )
 
@@ -110,13 +112,13 @@ def _centre_output(linear: nn.Linear) -> None:
     set_linear(linear, weight - weight.mean(0, keepdim=True), bias)
 
 
-def _centre_table(table: nn.Embedding) -> None:
+def centre_table(table: nn.Embedding) -> None:
     """Subtract each row's mean (LayerNorm families: embeddings write mean-free vectors)."""
     weight = table.weight.detach()
     table.weight = nn.Parameter(weight - weight.mean(-1, keepdim=True), requires_grad=False)
 
 
-def _invariant_layer(adapter: ModelAdapter, layer: nn.Module, d: int, eps: float) -> nn.Module:
+def invariant_layer(adapter: ModelAdapter, layer: nn.Module, d: int, eps: float) -> nn.Module:
     """The family's sliced layer at full width: folded readers, identity shortcuts, output-norm scales in maps."""
     _fold_norm(adapter, adapter.input_norm(layer), adapter.attention_inputs(layer))
     _fold_norm(adapter, adapter.post_attention_norm(layer), adapter.mlp_inputs(layer))
@@ -136,12 +138,10 @@ def _fold_final_norm(model: nn.Module, adapter: ModelAdapter) -> None:
     """Fold the final norm into a new, untied head: W -> W diag(g), bias W beta (LayerNorm)."""
     head, norm = adapter.head(model), adapter.final_norm(model)
     shift = adapter.norm_bias(norm)
-    folded = head.weight.double() * adapter.norm_scale(norm).double()
-    new_head = nn.Linear(
-        folded.shape[1], folded.shape[0], bias=shift is not None, device=head.weight.device, dtype=head.weight.dtype
-    )
-    set_linear(new_head, folded, None if shift is None else head.weight.double() @ shift.double())
-    adapter.set_head(model, new_head)
+    scale = adapter.norm_scale(norm).double().to(head.weight.device)
+    folded = rowwise(head.weight, lambda rows: rows * scale)
+    bias = None if shift is None else (head.weight.double() @ shift.double()).to(folded.dtype)
+    adapter.set_head(model, linear_from(folded, bias))
 
 
 def make_rotation_invariant(model: nn.Module) -> nn.Module:
@@ -154,14 +154,25 @@ def make_rotation_invariant(model: nn.Module) -> nn.Module:
     d, eps = model.config.hidden_size, adapter.norm_eps(model)
     with torch.no_grad():
         for index, layer in enumerate(list(adapter.layers(model))):
-            adapter.set_layer(model, index, _invariant_layer(adapter, layer, d, eps))
-        _fold_final_norm(model, adapter)
-        adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
-        if adapter.centres_residual:
-            for table in [adapter.embedding(model), *adapter.position_tables(model)]:
-                _centre_table(table)
-    model.config.tie_word_embeddings = False
+            adapter.set_layer(model, index, invariant_layer(adapter, layer, d, eps))
+        invariant_ends(model, adapter)
     return model
+
+
+def invariant_ends(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Step 1 outside the layers: the final norm folded into an untied head, mean-free tables (LayerNorm families)."""
+    d, eps = model.config.hidden_size, adapter.norm_eps(model)
+    _fold_final_norm(model, adapter)
+    adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
+    centre_tables(model, adapter)
+    model.config.tie_word_embeddings = False
+
+
+def centre_tables(model: nn.Module, adapter: ModelAdapter) -> None:
+    """LayerNorm families: the token and position tables write mean-free vectors (a no-op for RMSNorm families)."""
+    if adapter.centres_residual:
+        for table in [adapter.embedding(model), *adapter.position_tables(model)]:
+            centre_table(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,13 +238,13 @@ def principal_basis(
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_device(obj, device: torch.device):
+def to_device(obj, device: torch.device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple | list):
-        return type(obj)(_to_device(item, device) for item in obj)
+        return type(obj)(to_device(item, device) for item in obj)
     if isinstance(obj, dict):
-        return {key: _to_device(value, device) for key, value in obj.items()}
+        return {key: to_device(value, device) for key, value in obj.items()}
     return obj
 
 
@@ -241,7 +252,7 @@ class _StopForward(Exception):
     """Raised by a hook once it has what it needs."""
 
 
-def _record_layer_kwargs(model: nn.Module, input_ids: torch.Tensor) -> list[dict]:
+def record_layer_kwargs(model: nn.Module, input_ids: torch.Tensor) -> list[dict]:
     """Run one window and keep each layer's keyword arguments (mask, rotary embeddings, positions)."""
     adapter = get_adapter(model)
     recorded: list[dict] = [{} for _ in adapter.layers(model)]
@@ -299,7 +310,7 @@ def constant_dims(model_or_config, slice_fraction: float, multiple: int = 8) -> 
     return [int(d) for d in kept_dims(fs, config.hidden_size, multiple)]
 
 
-def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def split_batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
 
 
@@ -339,7 +350,7 @@ class ActivationStore:
 
 
 @dataclass
-class _Calibration:
+class Calibration:
     """The state the sequential loop carries from one residual boundary to the next."""
 
     xs: ActivationStore  # calibration activations in the current basis, one chunk per batch
@@ -365,7 +376,7 @@ class _Calibration:
         self.basis = basis
 
 
-def first_basis(model: nn.Module, calib: _Calibration, batches: Sequence[torch.Tensor], d_0: int) -> torch.Tensor:
+def first_basis(model: nn.Module, calib: Calibration, batches: Sequence[torch.Tensor], d_0: int) -> torch.Tensor:
     """Step 2: the PCA basis of the first layer's inputs; the calibration moves into it."""
     inputs = ActivationStore(calib.xs.folder)
     _first_layer_inputs(model, batches, inputs)
@@ -379,9 +390,7 @@ def residual_writers(adapter: ModelAdapter, layer: nn.Module) -> tuple[nn.Linear
     return layer.residual_writers(adapter.attention_output(layer), adapter.mlp_output(layer))
 
 
-def slice_attention_half(
-    adapter: ModelAdapter, layer: nn.Module, index: int, calib: _Calibration, kwargs: dict
-) -> None:
+def slice_attention_half(adapter: ModelAdapter, layer: nn.Module, index: int, calib: Calibration, kwargs: dict) -> None:
     """Attention reads the current basis; its output (measured in the original basis) goes into its PCA basis."""
     basis_in = calib.basis
     for linear in adapter.attention_inputs(layer):
@@ -394,7 +403,7 @@ def slice_attention_half(
     calib.move_to(outputs, basis_mid)
 
 
-def slice_mlp_half(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: _Calibration) -> None:
+def slice_mlp_half(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: Calibration) -> None:
     """Same pattern for the MLP; after the last layer the basis is the identity unless `final_dim` slices it."""
     basis_mid = calib.basis
     for linear in adapter.mlp_inputs(layer):
@@ -411,12 +420,12 @@ def slice_mlp_half(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: i
     calib.move_to(outputs, basis_out)
 
 
-def slice_layer(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: _Calibration, kwargs: dict):
+def slice_layer(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: Calibration, kwargs: dict):
     """Step 3 for one (full-width, folded) layer: slice its two halves on the accelerator, then back to the CPU."""
     dtype = adapter.attention_output(layer).weight.dtype
     layer.to(device=calib.device, dtype=dtype)
     with torch.no_grad():
-        slice_attention_half(adapter, layer, index, calib, _to_device(kwargs, calib.device))
+        slice_attention_half(adapter, layer, index, calib, to_device(kwargs, calib.device))
         slice_mlp_half(adapter, layer, index, d_out, calib)
     layer.cpu()
 
@@ -439,30 +448,52 @@ def finish_ends(
     A sliced last basis Q_L (d x d_L, `final_dim`) gives the head its own
     V x d_L matrix, W Q_L, in either layout (tied: W = table x scale).
     """
-    dtype = table.weight.dtype
+    finish_head(model, adapter, table if tied else None, final_scale, last_basis)
+    finish_embedding(model, adapter, table, basis, tied)
+
+
+def finish_head(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    table: nn.Module | None,
+    final_scale: torch.Tensor,
+    last_basis: torch.Tensor,
+) -> None:
+    """Step 4, output side: the head reads the last basis (`table` given: the tied layout's head on that table)."""
     sliced_head = last_basis.shape[1] < last_basis.shape[0]
+    if table is None:
+        if sliced_head:
+            rotate_input(adapter.head(model), last_basis)
+        return
+    head = TiedHead(table)
+    head.scale.copy_(final_scale.to(head.scale.dtype))
+    if sliced_head:
+        scale, last_basis = final_scale.to(table.weight.device), last_basis.to(table.weight.device)
+        head = linear_from(rowwise(table.weight, lambda rows: (rows * scale) @ last_basis))
+    adapter.set_head(model, head)
+
+
+def finish_embedding(
+    model: nn.Module, adapter: ModelAdapter, table: nn.Module, basis: torch.Tensor, tied: bool
+) -> None:
+    """Step 4, input side: token (and learned position) tables into the first basis, tied or untied."""
+    dtype = table.weight.dtype
     for positions in adapter.position_tables(model):
         positions.weight = nn.Parameter((positions.weight.double() @ basis).to(dtype), requires_grad=False)
     if tied:
         embedding = RotatedEmbedding(table, basis.shape[1]).to(dtype)
         set_linear(embedding.proj, basis.T)
-        head = TiedHead(table)
-        head.scale.copy_(final_scale.to(head.scale.dtype))
-        if sliced_head:
-            head = nn.Linear(last_basis.shape[1], table.num_embeddings, bias=False, dtype=dtype)
-            set_linear(head, (table.weight.double() * final_scale) @ last_basis)
         adapter.set_embedding(model, embedding)
-        adapter.set_head(model, head)
         return
-    if sliced_head:
-        rotate_input(adapter.head(model), last_basis)
-    weight = adapter.embedding_scale(model) * table.weight.double() @ basis
-    embedding = nn.Embedding(weight.shape[0], weight.shape[1], dtype=dtype)
-    embedding.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    scale, basis = adapter.embedding_scale(model), basis.to(table.weight.device)
+    weight = rowwise(table.weight, lambda rows: scale * rows @ basis)
+    with torch.device("meta"):
+        embedding = nn.Embedding(weight.shape[0], weight.shape[1], dtype=dtype)
+    embedding.weight = nn.Parameter(weight, requires_grad=False)
     adapter.set_embedding(model, embedding)
 
 
-def _layout(adapter: ModelAdapter, model: nn.Module, tied: bool | None) -> bool:
+def choose_layout(adapter: ModelAdapter, model: nn.Module, tied: bool | None) -> bool:
     """Whether to keep one shared table: the model's own choice unless asked, where the family allows it."""
     ships_tied = adapter.tied(model)
     if tied is None:
@@ -525,16 +556,16 @@ def _rotate_and_slice(
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
     check_calibration_tokens(input_ids.numel(), d, allow_few=True)  # a loud warning; the CLI refuses
-    tied = _layout(adapter, model, tied)
+    tied = choose_layout(adapter, model, tied)
     model.cpu().eval()
     info = SlicingInfo(dims=dims, tied=tied, hidden_size=d, final_dim=final_dim)
-    batches = _batches(input_ids, batch_size)
-    layer_kwargs = _record_layer_kwargs(model, input_ids[:1])
+    batches = split_batches(input_ids, batch_size)
+    layer_kwargs = record_layer_kwargs(model, input_ids[:1])
     table = adapter.embedding(model)
     final_scale = adapter.norm_scale(adapter.final_norm(model)).double().clone()
 
     make_rotation_invariant(model)
-    calib = _Calibration(ActivationStore(store), torch.eye(d, dtype=torch.float64), pick_device(device), damping, info)
+    calib = Calibration(ActivationStore(store), torch.eye(d, dtype=torch.float64), pick_device(device), damping, info)
     basis_0 = first_basis(model, calib, batches, dims[0])
     for i in tqdm(range(n_layers), desc="slice", unit="layer", disable=not progress):
         d_out = dims[i + 1] if i + 1 < n_layers else final_dim
