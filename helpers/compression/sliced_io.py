@@ -25,12 +25,13 @@ from helpers.models.shareable import sliced_spec, write_shareable
 from helpers.models.sliced_layers import RotatedEmbedding, TiedHead, WeightlessRMSNorm, set_linear
 
 SLICING_FILE = "slicing.json"  # marks a folder written by save_sliced
+WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 2  # 2: the tied head stores the final norm's scale as a d-vector, not a d x d matrix
 SLICING_SCHEMA = {"format_version": "int", "hidden_size": "int", "dims": "ints", "tied": "bool"}
 SLICING_OPTIONAL = {"final_dim": "int"}  # absent in folders saved before the option: the full width
 
 
-def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> None:
+def build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> None:
     """Turn a freshly built dense model into an (uninitialised) sliced one with the right shapes."""
     adapter = get_adapter(model)
     d, eps = model.config.hidden_size, adapter.norm_eps(model)
@@ -77,23 +78,29 @@ def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     folder = Path(folder)
     with atomic_path(folder, kind="sliced") as tmp:
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_shareable(tmp, sliced_spec(model))  # plain transformers loads it too (trust_remote_code=True)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model_type": model.config.model_type,
-            "hidden_size": info.hidden_size,
-            "dims": info.dims,
-            "tied": info.tied,
-            "final_dim": info.final_dim or info.hidden_size,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            CHECKSUM_FIELD: folder_checksums(tmp),  # verified on load
-        }
-        (tmp / SLICING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        write_folder_files(model, tokenizer, tmp)
     return folder
+
+
+def write_folder_files(model: nn.Module, tokenizer, tmp: Path) -> None:
+    """Everything of a sliced folder but the weights (written first): config, tokenizer, modeling file, slicing.json."""
+    info: SlicingInfo = model.slicing_info
+    model.config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    write_shareable(tmp, sliced_spec(model))  # plain transformers loads it too (trust_remote_code=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_type": model.config.model_type,
+        "hidden_size": info.hidden_size,
+        "dims": info.dims,
+        "tied": info.tied,
+        "final_dim": info.final_dim or info.hidden_size,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        CHECKSUM_FIELD: folder_checksums(tmp),  # verified on load
+    }
+    (tmp / SLICING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_sliced(
@@ -113,8 +120,8 @@ def load_sliced(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     dims = check_dims(meta["dims"], config.num_hidden_layers, config.hidden_size)
     final_dim = check_dims([meta.get("final_dim", config.hidden_size)], 1, config.hidden_size)[0]
-    _build_sliced_structure(model, dims, meta["tied"], final_dim)
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
+    build_sliced_structure(model, dims, meta["tied"], final_dim)
+    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=True)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match the sliced layout (missing {missing}, extra {unexpected}).")
     model.slicing_info = SlicingInfo(dims=dims, tied=meta["tied"], hidden_size=config.hidden_size, final_dim=final_dim)

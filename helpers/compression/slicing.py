@@ -537,6 +537,17 @@ def rotate_and_slice(
         return _rotate_and_slice(*args, Path(folder))
 
 
+def check_inputs(config, input_ids: torch.Tensor, dims: Sequence[int], final_dim: int | None) -> tuple[list[int], int]:
+    """Validated per-layer dims and last width; calibration windows must be (windows, seqlen)."""
+    d = config.hidden_size
+    dims = check_dims(dims, config.num_hidden_layers, d)
+    final_dim = check_dims([final_dim or d], 1, d)[0]
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
+    check_calibration_tokens(input_ids.numel(), d, allow_few=True)  # a loud warning; the CLI refuses
+    return dims, final_dim
+
+
 def _rotate_and_slice(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -551,11 +562,7 @@ def _rotate_and_slice(
 ) -> SlicingInfo:
     adapter = get_adapter(model)
     d, n_layers = model.config.hidden_size, model.config.num_hidden_layers
-    dims = check_dims(dims, n_layers, d)
-    final_dim = check_dims([final_dim or d], 1, d)[0]
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
-    check_calibration_tokens(input_ids.numel(), d, allow_few=True)  # a loud warning; the CLI refuses
+    dims, final_dim = check_inputs(model.config, input_ids, dims, final_dim)
     tied = choose_layout(adapter, model, tied)
     model.cpu().eval()
     info = SlicingInfo(dims=dims, tied=tied, hidden_size=d, final_dim=final_dim)
