@@ -298,6 +298,18 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="device for the current layer (default: CUDA if present)")
     p.add_argument("--offload-dir", type=Path, default=None, help="keep calibration activations on disk here")
     p.add_argument(
+        "--stream",
+        choices=["auto", "yes", "no"],
+        nargs="?",
+        const="yes",
+        default="auto",
+        help="read, slice and write one layer at a time (docs/streaming.md); auto: when the model held in memory "
+        "(about 4x its float32 size) would not fit",
+    )
+    p.add_argument(
+        "--max-memory", type=float, default=None, help="GiB a streamed run may use (default: the memory available)"
+    )
+    p.add_argument(
         "--final-dim",
         type=final_dim,
         default=None,
@@ -317,6 +329,8 @@ def run_slice(args: argparse.Namespace) -> int:
     from helpers.infra.textdata import load_windows
 
     sb = args.sp if args.sb is None else args.sb
+    if _streams(args):
+        return _slice_streamed(args, sb)
     model, tokenizer = load_model(args.model, device="cpu")
     dense = ledger_totals(parameter_ledger(model))["total"]
     if sb == args.sp:
@@ -345,6 +359,78 @@ def run_slice(args: argparse.Namespace) -> int:
     print(f"dims per layer: {dims}")
     layout = "tied" if info.tied else "untied"
     print(f"realised mean slice {mean_slice:.4f}; layout {layout}; the head reads {info.final_dim} dimensions")
+    print(f"parameters {params:,} (dense {dense:,}; {1 - params / dense:+.2%} removed)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+IN_MEMORY_FACTOR = 4  # slicing in memory peaks at about 4x the float32 model (SmolLM2-135M: 2.1 GiB for 0.54 GB)
+
+
+def _streams(args: argparse.Namespace) -> bool:
+    """Whether `slice` streams: asked for, or (auto) the in-memory run would not fit the available memory."""
+    if args.stream != "auto":
+        return args.stream == "yes"
+    import psutil
+
+    from helpers.infra.shards import CheckpointReader
+    from helpers.models.loading import resolve_model
+
+    source = Path(resolve_model(args.model))
+    if not source.is_dir():
+        return False
+    reader = CheckpointReader(source)
+    float32_bytes = reader.numel() * 4
+    if IN_MEMORY_FACTOR * float32_bytes <= psutil.virtual_memory().available:
+        return False
+    print(f"the model is {float32_bytes / 2**30:.1f} GiB in float32: slicing streams it one layer at a time")
+    return True
+
+
+def _slice_streamed(args: argparse.Namespace, sb: float) -> int:
+    """`slice --stream`: constant slicing of a checkpoint folder, one layer in memory at a time."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from helpers.compression.slicing import constant_dims
+    from helpers.compression.streaming import check_fits, stream_memory, stream_slice
+    from helpers.infra.shards import CheckpointReader
+    from helpers.infra.textdata import load_windows
+    from helpers.models.loading import pick_device, resolve_model, with_bos
+
+    if sb != args.sp:
+        raise ValueError(
+            "--stream slices at a constant SP: dynamic slicing (--sb) needs Layer Redundancy of the whole model."
+        )
+    source = Path(resolve_model(args.model))
+    if not source.is_dir():
+        raise ValueError(f"--stream reads safetensors from a local folder; {args.model!r} is not one.")
+    config = AutoConfig.from_pretrained(source)
+    dims = constant_dims(config, args.sp)
+    memory = stream_memory(
+        config, args.calib_windows, args.calib_seqlen, args.batch_size, on_disk=bool(args.offload_dir)
+    )
+    device = pick_device(args.device)
+    print(f"predicted peak memory of the streamed run (docs/streaming.md):\n{memory.describe(device.type == 'cuda')}")
+    limit = None if args.max_memory is None else int(args.max_memory * 2**30)
+    check_fits(memory, device, limit)
+    tokenizer = with_bos(config, AutoTokenizer.from_pretrained(source))
+    calib = load_windows(tokenizer, args.calib, args.calib_seqlen, args.calib_windows)
+    info = stream_slice(
+        source,
+        args.out,
+        calib,
+        dims,
+        tokenizer=tokenizer,
+        tied={"auto": None, "tied": True, "untied": False}[args.layout],
+        batch_size=args.batch_size,
+        device=device,
+        offload_dir=args.offload_dir,
+        final_dim=int(dims[-1]) if args.final_dim == "last" else args.final_dim,
+        memory_limit=limit,
+    )
+    params, dense = CheckpointReader(args.out).numel(), CheckpointReader(source).numel()  # stored tensors, ties once
+    print(f"dims per layer: {dims}")
+    print(f"layout {'tied' if info.tied else 'untied'}; the head reads {info.final_dim} dimensions (streamed)")
     print(f"parameters {params:,} (dense {dense:,}; {1 - params / dense:+.2%} removed)")
     print(f"wrote {args.out}")
     return 0

@@ -66,12 +66,9 @@ class CheckpointReader:
         """Bytes of tensor data in the checkpoint."""
         return sum(info["data_offsets"][1] - info["data_offsets"][0] for _, _, info in self.entries.values())
 
-    def dtype(self) -> torch.dtype:
-        """The dtype most of the checkpoint's bytes are stored in."""
-        by_dtype: dict[str, int] = {}
-        for _, _, info in self.entries.values():
-            by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + info["data_offsets"][1] - info["data_offsets"][0]
-        return DTYPES[max(by_dtype, key=by_dtype.get)]
+    def numel(self) -> int:
+        """Stored numbers (a parameter count: tied tensors are stored once)."""
+        return sum(torch.Size(info["shape"]).numel() for _, _, info in self.entries.values())
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` in its stored dtype, read into a buffer of its own (no mapping left behind)."""
