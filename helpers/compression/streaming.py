@@ -49,7 +49,7 @@ from helpers.compression.slicing import (
     slice_layer,
     split_batches,
 )
-from helpers.infra.memory import release_freed_memory
+from helpers.infra.memory import release_freed_memory, return_large_blocks
 from helpers.infra.shards import CheckpointReader, ShardWriter
 from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
@@ -271,6 +271,7 @@ def stream_slice(
     device = pick_device(device)
     memory = stream_memory(config, *input_ids.shape, batch_size, dtype, on_disk=offload_dir is not None)
     check_fits(memory, device, memory_limit)
+    return_large_blocks()  # freed layers go back to the system at once: the peak is what is live
     reader = CheckpointReader(source)
     model = _skeleton(config, dtype)
     tied = choose_layout(adapter, model, tied)
