@@ -108,6 +108,21 @@ def load_sliced(
 ) -> tuple[nn.Module, object]:
     """Reload a folder written by `save_sliced` as `(model, tokenizer)`, in eval mode on `device`."""
     folder = Path(folder)
+    model = sliced_skeleton(folder, lambda config: AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=True)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match the sliced layout (missing {missing}, extra {unexpected}).")
+    model.to(device=pick_device(device), dtype=dtype).eval()
+    model.name_or_path = str(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    return model, tokenizer
+
+
+def sliced_skeleton(folder: Path, build) -> nn.Module:
+    """The sliced structure a folder's slicing.json describes (checksums verified), weights not yet loaded.
+
+    `build(config)` makes the dense model to restructure: real, or with its weights on the meta device.
+    """
     meta_path = folder / SLICING_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"{folder} has no slicing.json: not a sliced model saved by save_sliced.")
@@ -117,15 +132,10 @@ def load_sliced(
     verify_checksums(folder, SLICING_FILE, meta.get(CHECKSUM_FIELD, {}))
     config = AutoConfig.from_pretrained(folder)
     get_adapter(config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = build(config)
     dims = check_dims(meta["dims"], config.num_hidden_layers, config.hidden_size)
     final_dim = check_dims([meta.get("final_dim", config.hidden_size)], 1, config.hidden_size)[0]
-    build_sliced_structure(model, dims, meta["tied"], final_dim)
-    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=True)
-    if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match the sliced layout (missing {missing}, extra {unexpected}).")
+    with torch.device(next(model.parameters()).device):
+        build_sliced_structure(model, dims, meta["tied"], final_dim)
     model.slicing_info = SlicingInfo(dims=dims, tied=meta["tied"], hidden_size=config.hidden_size, final_dim=final_dim)
-    model.to(device=pick_device(device), dtype=dtype).eval()
-    model.name_or_path = str(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    return model, tokenizer
+    return model

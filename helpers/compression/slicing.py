@@ -272,7 +272,7 @@ def record_layer_kwargs(model: nn.Module, input_ids: torch.Tensor) -> list[dict]
     return recorded
 
 
-def _first_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor], inputs: ActivationStore) -> None:
+def first_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor], inputs: ActivationStore) -> None:
     """Append to `inputs` what the first decoder layer receives (scaled embeddings plus any learned positions)."""
     adapter = get_adapter(model)
 
@@ -379,7 +379,7 @@ class Calibration:
 def first_basis(model: nn.Module, calib: Calibration, batches: Sequence[torch.Tensor], d_0: int) -> torch.Tensor:
     """Step 2: the PCA basis of the first layer's inputs; the calibration moves into it."""
     inputs = ActivationStore(calib.xs.folder)
-    _first_layer_inputs(model, batches, inputs)
+    first_layer_inputs(model, batches, inputs)
     basis = calib.pca(inputs, "attn_0", d_0)
     calib.move_to(inputs, basis)
     return basis

@@ -168,7 +168,7 @@ def _path(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
-def _materialise(model: nn.Module, module: nn.Module, reader: CheckpointReader, dtype: torch.dtype, alias=None):
+def materialise(model: nn.Module, module: nn.Module, reader: CheckpointReader, dtype: torch.dtype, alias=None):
     """Read `module`'s weights from the checkpoint in `dtype`, in place of its meta tensors.
 
     `alias` names the module whose stored weights to read instead (a tied head reads the embedding's).
@@ -180,7 +180,7 @@ def _materialise(model: nn.Module, module: nn.Module, reader: CheckpointReader, 
         param.requires_grad_(False)
 
 
-def _to_meta(module: nn.Module) -> None:
+def to_meta(module: nn.Module) -> None:
     """Drop a module's weights (it keeps its shapes); the memory goes back to the system."""
     module.to("meta")
     release_freed_memory()
@@ -194,7 +194,7 @@ class _PassThrough(nn.Module):
 
 
 @contextlib.contextmanager
-def _pass_through_layers(model: nn.Module, adapter: ModelAdapter):
+def pass_through_layers(model: nn.Module, adapter: ModelAdapter):
     """Every decoder layer replaced by `_PassThrough` for the duration (the real, meta ones put back after)."""
     layers = list(adapter.layers(model))
     for index in range(len(layers)):
@@ -206,7 +206,7 @@ def _pass_through_layers(model: nn.Module, adapter: ModelAdapter):
             adapter.set_layer(model, index, layer)
 
 
-def _skeleton(config, dtype: torch.dtype) -> nn.Module:
+def skeleton(config, dtype: torch.dtype) -> nn.Module:
     """The model with every parameter on the meta device (buffers such as rotary frequencies are real)."""
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -273,7 +273,7 @@ def stream_slice(
     check_fits(memory, device, memory_limit)
     return_large_blocks()  # freed layers go back to the system at once: the peak is what is live
     reader = CheckpointReader(source)
-    model = _skeleton(config, dtype)
+    model = skeleton(config, dtype)
     tied = choose_layout(adapter, model, tied)
     info = SlicingInfo(dims=dims, tied=tied, hidden_size=config.hidden_size, final_dim=final_dim)
     with contextlib.ExitStack() as stack:
@@ -302,14 +302,14 @@ def _first_stage(model, adapter, reader, input_ids, batch_size, calib, dtype):
     """Tables and final norm read; layer kwargs recorded and the first basis found; the tables dropped again."""
     tables = [adapter.embedding(model), *adapter.position_tables(model)]
     for module in [*tables, adapter.final_norm(model)]:
-        _materialise(model, module, reader, dtype)
+        materialise(model, module, reader, dtype)
     final_scale = adapter.norm_scale(adapter.final_norm(model)).double().clone()
-    with _pass_through_layers(model, adapter):
+    with pass_through_layers(model, adapter):
         kwargs = record_layer_kwargs(model, input_ids[:1])
         centre_tables(model, adapter)  # what make_rotation_invariant does before the first basis
         basis_0 = first_basis(model, calib, split_batches(input_ids, batch_size), calib.info.dims[0])
     for module in [adapter.embedding(model), *adapter.position_tables(model)]:
-        _to_meta(module)
+        to_meta(module)
     return basis_0, kwargs, final_scale
 
 
@@ -319,32 +319,32 @@ def _layer_stage(model, adapter, reader, calib, kwargs, final_dim, writer, dtype
     dims = calib.info.dims
     for i in tqdm(range(len(dims)), desc="slice (streamed)", unit="layer", disable=not progress):
         dense = adapter.layers(model)[i]
-        _materialise(model, dense, reader, dtype)
+        materialise(model, dense, reader, dtype)
         layer = invariant_layer(adapter, dense, d, eps)
         adapter.set_layer(model, i, layer)
         slice_layer(adapter, layer, i, dims[i + 1] if i + 1 < len(dims) else final_dim, calib, kwargs[i])
         _write_real(model, writer)
-        _to_meta(layer)
+        to_meta(layer)
 
 
 def _ends_stage(model, adapter, reader, basis_0, final_scale, last_basis, tied, writer, dtype) -> None:
     """The head folded and rotated, written and dropped; then the embeddings rotated and written."""
     table = adapter.embedding(model)
     if tied:  # the tied layout's head is the table itself: read it once
-        _materialise(model, table, reader, dtype)
+        materialise(model, table, reader, dtype)
         adapter.head(model).weight = table.weight
     else:
         head = adapter.head(model)
         stored = head if f"{_path(model, head)}.weight" in reader else table  # a tied checkpoint stores one table
-        _materialise(model, head, reader, dtype, alias=stored)
+        materialise(model, head, reader, dtype, alias=stored)
     invariant_ends(model, adapter)
     finish_head(model, adapter, table if tied else None, final_scale, last_basis)
     if not tied:
         _write_real(model, writer)
-        _to_meta(adapter.head(model))
-        _materialise(model, table, reader, dtype)
+        to_meta(adapter.head(model))
+        materialise(model, table, reader, dtype)
     for positions in adapter.position_tables(model):
-        _materialise(model, positions, reader, dtype)
+        materialise(model, positions, reader, dtype)
     centre_tables(model, adapter)
     finish_embedding(model, adapter, table, basis_0, tied)
     _write_real(model, writer)

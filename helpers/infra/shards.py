@@ -54,13 +54,15 @@ class CheckpointReader:
         if not files:
             raise FileNotFoundError(f"{folder} holds no .safetensors weights to stream.")
         self.entries: dict[str, tuple[Path, int, dict]] = {}
+        self.aliases: dict[str, str] = {}  # a shared tensor's other names -> the stored one (safetensors' metadata)
         for path in files:
             header, start = read_header(path)
-            header.pop("__metadata__", None)
+            metadata = header.pop("__metadata__", None) or {}
             self.entries.update({name: (path, start, info) for name, info in header.items()})
+            self.aliases.update({name: kept for name, kept in metadata.items() if kept in header})
 
     def __contains__(self, name: str) -> bool:
-        return name in self.entries
+        return name in self.entries or name in self.aliases
 
     def nbytes(self) -> int:
         """Bytes of tensor data in the checkpoint."""
@@ -72,9 +74,9 @@ class CheckpointReader:
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` in its stored dtype, read into a buffer of its own (no mapping left behind)."""
-        if name not in self.entries:
+        if name not in self:
             raise KeyError(f"the checkpoint has no tensor {name!r}")
-        path, start, info = self.entries[name]
+        path, start, info = self.entries[self.aliases.get(name, name)]
         begin, end = info["data_offsets"]
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         with open(path, "rb", buffering=0) as f:
