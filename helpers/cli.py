@@ -442,6 +442,7 @@ def _ppl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=positive_int, default=512)
     p.add_argument("--windows", type=count, default=32, help="number of windows (0: every full window)")
     p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--stream", action="store_true", help="one layer in memory at a time (a model bigger than memory)")
     _out_args(p, None, "JSON file for perplexity, tokens, params")
 
 
@@ -453,9 +454,12 @@ def run_ppl(args: argparse.Namespace) -> int:
     from helpers.evaluation.perplexity import perplexity
     from helpers.infra.storage import write_json_atomic
 
-    model, tokenizer = load_model(args.model)
-    result = perplexity(model, tokenizer, args.text, args.seqlen, args.windows or None, args.batch_size)
-    params = ledger_totals(parameter_ledger(model))["total"]
+    if args.stream:
+        result, params = _ppl_streamed(args)
+    else:
+        model, tokenizer = load_model(args.model)
+        result = perplexity(model, tokenizer, args.text, args.seqlen, args.windows or None, args.batch_size)
+        params = ledger_totals(parameter_ledger(model))["total"]
     bos = "BOS first" if result.bos else "no BOS"
     print(f"perplexity {result.perplexity:.3f} on {args.text} ({result.windows} x {result.seqlen} tokens, {bos})")
     print(f"parameters {params:,}")
@@ -463,6 +467,23 @@ def run_ppl(args: argparse.Namespace) -> int:
         write_json_atomic(args.out, {**result.as_dict(), "params": params, "model": args.model, "text": args.text})
         print(f"wrote {args.out}")
     return 0
+
+
+def _ppl_streamed(args: argparse.Namespace):
+    """`ppl --stream`: perplexity of a checkpoint folder, one decoder layer in memory at a time, and its parameters."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from helpers.evaluation.streamed import streamed_perplexity
+    from helpers.infra.shards import CheckpointReader
+    from helpers.infra.textdata import load_windows
+    from helpers.models.loading import resolve_model, with_bos
+
+    source = Path(resolve_model(args.model))
+    if not source.is_dir():
+        raise ValueError(f"--stream reads safetensors from a local folder; {args.model!r} is not one.")
+    tokenizer = with_bos(AutoConfig.from_pretrained(source), AutoTokenizer.from_pretrained(source))
+    ids = load_windows(tokenizer, args.text, args.seqlen, args.windows or None)
+    return streamed_perplexity(source, ids, args.batch_size), CheckpointReader(source).numel()
 
 
 def _speed_args(p: argparse.ArgumentParser) -> None:

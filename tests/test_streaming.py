@@ -198,3 +198,24 @@ def test_cli_slice_stream_prints_the_prediction_and_writes_a_loadable_folder(tmp
     assert load_sliced(tmp_path / "out", device="cpu")[0].slicing_info.dims == [48] * 4
     assert main([*argv, "--calib-windows", "8", "--out", str(tmp_path / "out2"), "--max-memory", "0.001"]) == 2
     assert "is available" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_streamed_perplexity_equals_the_whole_model(tmp_path, model_type):
+    """One layer at a time (activations on disk) gives the perplexity of the loaded model, dense and sliced."""
+    from helpers.compression.sliced_io import save_sliced
+    from helpers.evaluation.perplexity import perplexity_on_ids
+    from helpers.evaluation.streamed import streamed_perplexity
+
+    model = noisy(model_type, tied=True)
+    model.save_pretrained(tmp_path / "dense")
+    ids = windows(5, 24, seed=3)  # batches of 2, 2 and 1 window
+    for folder in ("dense", "sliced"):
+        if folder == "sliced":
+            rotate_and_slice(model, windows(), DIMS, progress=False)
+            save_sliced(model, None, tmp_path / "sliced")
+        whole = perplexity_on_ids(model, ids, batch_size=2, progress=False)
+        streamed = streamed_perplexity(tmp_path / folder, ids, batch_size=2, offload_dir=tmp_path, progress=False)
+        print(f"{model_type} {folder}: perplexity {whole.perplexity:.6f} whole, {streamed.perplexity:.6f} streamed")
+        assert streamed.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+        assert streamed.window_nll == pytest.approx(whole.window_nll, rel=1e-5)
