@@ -56,7 +56,7 @@ from helpers.models.adapters import ModelAdapter, get_adapter
 from helpers.models.loading import pick_device
 
 GIB = 2**30
-RUNTIME_BYTES = int(0.6 * GIB)  # Python, torch and transformers before any weight is read (measured: 0.5-0.6 GiB)
+RUNTIME_BYTES = int(0.65 * GIB)  # Python, torch, transformers and allocator slack (measured: 0.5-0.65 GiB)
 
 
 class DoesNotFitError(MemoryError):
