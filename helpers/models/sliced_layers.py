@@ -52,8 +52,12 @@ def rowwise(weight: torch.Tensor, func, rows: int = ROW_BLOCK) -> torch.Tensor:
     A whole V x d table in float64 would double or triple the peak memory of a
     streamed run (4 GB for Llama-3-8B's); one block at a time it is a few MB.
     """
-    blocks = [func(weight[lo : lo + rows].double()).to(weight.dtype) for lo in range(0, weight.shape[0], rows)]
-    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+    first = func(weight[:rows].double()).to(weight.dtype)
+    out = first.new_empty(weight.shape[0], *first.shape[1:])  # filled in place: no list of blocks to concatenate
+    out[:rows] = first
+    for lo in range(rows, weight.shape[0], rows):
+        out[lo : lo + rows] = func(weight[lo : lo + rows].double())
+    return out
 
 
 def linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
