@@ -348,6 +348,18 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="device for the current layer (default: CUDA if present)")
     p.add_argument("--offload-dir", type=Path, default=None, help="keep calibration activations on disk here")
     p.add_argument(
+        "--stream",
+        choices=["auto", "yes", "no"],
+        nargs="?",
+        const="yes",
+        default="auto",
+        help="read, slice and write one layer at a time (docs/streaming.md); auto: when the model held in memory "
+        "(about 4x its float32 size) would not fit",
+    )
+    p.add_argument(
+        "--max-memory", type=float, default=None, help="GiB a streamed run may use (default: the memory available)"
+    )
+    p.add_argument(
         "--final-dim",
         type=final_dim,
         default=None,
@@ -362,11 +374,14 @@ def run_slice(args: argparse.Namespace) -> int:
     """Slice a model by an allocation rule (constant, or LR's SP/SB formula when SB < SP, by default) and save it."""
     from helpers.compression.checkpoints import load_model
     from helpers.compression.ledger import ledger_totals, parameter_ledger
-    from helpers.compression.slicing import rotate_and_slice, save_sliced
+    from helpers.compression.sliced_io import save_sliced
+    from helpers.compression.slicing import rotate_and_slice
     from helpers.evaluation.allocation_rules import RuleInputs, rule_dims
     from helpers.infra.textdata import load_windows
 
     rule = args.rule or ("constant" if args.sb is None or args.sb == args.sp else "lr")
+    if _streams(args):
+        return _slice_streamed(args, rule)
     model, tokenizer = load_model(args.model, device="cpu")
     dense = ledger_totals(parameter_ledger(model))["total"]
     text = args.lr_text or args.calib
@@ -398,12 +413,85 @@ def run_slice(args: argparse.Namespace) -> int:
     return 0
 
 
+IN_MEMORY_FACTOR = 4  # slicing in memory peaks at about 4x the float32 model (SmolLM2-135M: 2.1 GiB for 0.54 GB)
+
+
+def _streams(args: argparse.Namespace) -> bool:
+    """Whether `slice` streams: asked for, or (auto) the in-memory run would not fit the available memory."""
+    if args.stream != "auto":
+        return args.stream == "yes"
+    import psutil
+
+    from helpers.infra.shards import CheckpointReader
+    from helpers.models.loading import resolve_model
+
+    source = Path(resolve_model(args.model))
+    if not source.is_dir():
+        return False
+    reader = CheckpointReader(source)
+    float32_bytes = reader.numel() * 4
+    if IN_MEMORY_FACTOR * float32_bytes <= psutil.virtual_memory().available:
+        return False
+    print(f"the model is {float32_bytes / 2**30:.1f} GiB in float32: slicing streams it one layer at a time")
+    return True
+
+
+def _slice_streamed(args: argparse.Namespace, rule: str) -> int:
+    """`slice --stream`: constant slicing of a checkpoint folder, one layer in memory at a time."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from helpers.compression.allocation import ModelShape, constant_dims
+    from helpers.compression.streaming import check_fits, stream_memory, stream_slice
+    from helpers.infra.shards import CheckpointReader
+    from helpers.infra.textdata import load_windows
+    from helpers.models.loading import pick_device, resolve_model, with_bos
+
+    if rule != "constant":
+        raise ValueError(
+            "--stream slices at a constant SP: another rule (--sb, --rule) needs scores of the whole model."
+        )
+    source = Path(resolve_model(args.model))
+    if not source.is_dir():
+        raise ValueError(f"--stream reads safetensors from a local folder; {args.model!r} is not one.")
+    config = AutoConfig.from_pretrained(source)
+    dims = [int(d) for d in constant_dims(ModelShape.from_config(config), args.sp)]
+    memory = stream_memory(
+        config, args.calib_windows, args.calib_seqlen, args.batch_size, on_disk=bool(args.offload_dir)
+    )
+    device = pick_device(args.device)
+    print(f"predicted peak memory of the streamed run (docs/streaming.md):\n{memory.describe(device.type == 'cuda')}")
+    limit = None if args.max_memory is None else int(args.max_memory * 2**30)
+    check_fits(memory, device, limit)
+    tokenizer = with_bos(config, AutoTokenizer.from_pretrained(source))
+    calib = load_windows(tokenizer, args.calib, args.calib_seqlen, args.calib_windows)
+    info = stream_slice(
+        source,
+        args.out,
+        calib,
+        dims,
+        tokenizer=tokenizer,
+        tied={"auto": None, "tied": True, "untied": False}[args.layout],
+        batch_size=args.batch_size,
+        device=device,
+        offload_dir=args.offload_dir,
+        final_dim=int(dims[-1]) if args.final_dim == "last" else args.final_dim,
+        memory_limit=limit,
+    )
+    params, dense = CheckpointReader(args.out).numel(), CheckpointReader(source).numel()  # stored tensors, ties once
+    print(f"dims per layer: {dims}")
+    print(f"layout {'tied' if info.tied else 'untied'}; the head reads {info.final_dim} dimensions (streamed)")
+    print(f"parameters {params:,} (dense {dense:,}; {1 - params / dense:+.2%} removed)")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _ppl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, folder (dense or sliced) or Hugging Face id")
     p.add_argument("--text", default=EVAL_TEXT, help="text name or .txt file")
     p.add_argument("--seqlen", type=positive_int, default=512)
     p.add_argument("--windows", type=count, default=32, help="number of windows (0: every full window)")
     p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--stream", action="store_true", help="one layer in memory at a time (a model bigger than memory)")
     _out_args(p, None, "JSON file for perplexity, tokens, params")
 
 
@@ -415,9 +503,12 @@ def run_ppl(args: argparse.Namespace) -> int:
     from helpers.evaluation.perplexity import perplexity
     from helpers.infra.storage import write_json_atomic
 
-    model, tokenizer = load_model(args.model)
-    result = perplexity(model, tokenizer, args.text, args.seqlen, args.windows or None, args.batch_size)
-    params = ledger_totals(parameter_ledger(model))["total"]
+    if args.stream:
+        result, params = _ppl_streamed(args)
+    else:
+        model, tokenizer = load_model(args.model)
+        result = perplexity(model, tokenizer, args.text, args.seqlen, args.windows or None, args.batch_size)
+        params = ledger_totals(parameter_ledger(model))["total"]
     bos = "BOS first" if result.bos else "no BOS"
     print(f"perplexity {result.perplexity:.3f} on {args.text} ({result.windows} x {result.seqlen} tokens, {bos})")
     print(f"parameters {params:,}")
@@ -425,6 +516,23 @@ def run_ppl(args: argparse.Namespace) -> int:
         write_json_atomic(args.out, {**result.as_dict(), "params": params, "model": args.model, "text": args.text})
         print(f"wrote {args.out}")
     return 0
+
+
+def _ppl_streamed(args: argparse.Namespace):
+    """`ppl --stream`: perplexity of a checkpoint folder, one decoder layer in memory at a time, and its parameters."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from helpers.evaluation.streamed import streamed_perplexity
+    from helpers.infra.shards import CheckpointReader
+    from helpers.infra.textdata import load_windows
+    from helpers.models.loading import resolve_model, with_bos
+
+    source = Path(resolve_model(args.model))
+    if not source.is_dir():
+        raise ValueError(f"--stream reads safetensors from a local folder; {args.model!r} is not one.")
+    tokenizer = with_bos(AutoConfig.from_pretrained(source), AutoTokenizer.from_pretrained(source))
+    ids = load_windows(tokenizer, args.text, args.seqlen, args.windows or None)
+    return streamed_perplexity(source, ids, args.batch_size), CheckpointReader(source).numel()
 
 
 def _speed_args(p: argparse.ArgumentParser) -> None:

@@ -55,7 +55,8 @@ def sliced_folder(
     """Slice the dense model once at (SP, SB) and return the saved folder; `sliced_head`: final_dim = last dim."""
     from helpers.analysis.redundancy import cached_layer_redundancy
     from helpers.compression.allocation import ModelShape, constant_dims, layer_allocation
-    from helpers.compression.slicing import rotate_and_slice, save_sliced
+    from helpers.compression.sliced_io import save_sliced
+    from helpers.compression.slicing import rotate_and_slice
     from helpers.infra.textdata import load_windows
 
     name = f"{slug(model_name)}-sp{sp:g}-sb{sb:g}-{calib}-{windows}x{seqlen}" + ("-sliced-head" if sliced_head else "")

@@ -30,7 +30,8 @@ from helpers.analysis import block_scores as depth
 from helpers.analysis import redundancy
 from helpers.cli import main
 from helpers.compression.checkpoints import load_model
-from helpers.compression.slicing import load_sliced, rotate_and_slice, save_sliced
+from helpers.compression.sliced_io import load_sliced, save_sliced
+from helpers.compression.slicing import rotate_and_slice
 from helpers.experiments.results import CellCache
 from helpers.infra.integrity import IntegrityError, check_calibration_tokens
 from helpers.infra.storage import OutputExistsError, atomic_path

@@ -15,7 +15,8 @@ from helpers.compression import allocation
 from helpers.compression.allocation import ModelShape, constant_dims, layer_allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import rotate_and_slice, save_sliced
+from helpers.compression.sliced_io import save_sliced
+from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.zeroshot import encode_pair, evaluate_task
 from helpers.infra.textdata import load_windows

@@ -12,13 +12,8 @@ from helpers.analysis.capture import collect_hidden_states
 from helpers.analysis.redundancy import layer_redundancy
 from helpers.compression import allocation
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import (
-    load_sliced,
-    make_rotation_invariant,
-    rotate_and_slice,
-    save_sliced,
-    untie_sliced,
-)
+from helpers.compression.sliced_io import load_sliced, save_sliced
+from helpers.compression.slicing import make_rotation_invariant, rotate_and_slice, untie_sliced
 from helpers.models.adapters import get_adapter
 from helpers.models.loading import tiny_model
 from helpers.models.sliced_layers import PostNormSlicedLayer

@@ -8,7 +8,8 @@ import torch
 
 from helpers.compression import allocation
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import load_sliced, make_rotation_invariant, rotate_and_slice, save_sliced
+from helpers.compression.sliced_io import load_sliced, save_sliced
+from helpers.compression.slicing import make_rotation_invariant, rotate_and_slice
 from helpers.models.loading import tiny_model
 
 DIMS = [48, 40, 56, 32]

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from helpers.compression.checkpoints import load_model, save_pruned
 from helpers.compression.replacement import replacement_info, streamline
-from helpers.compression.slicing import rotate_and_slice, save_sliced
+from helpers.compression.sliced_io import save_sliced
+from helpers.compression.slicing import rotate_and_slice
 from helpers.models.loading import tiny_model
 from helpers.models.pruned_layers import build_replacement
 

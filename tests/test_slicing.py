@@ -13,12 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers.compression import allocation
 from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.sliced_io import load_sliced, save_sliced
 from helpers.compression.slicing import (
     gram,
-    load_sliced,
     make_rotation_invariant,
     rotate_and_slice,
-    save_sliced,
     untie_sliced,
 )
 from helpers.models.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types

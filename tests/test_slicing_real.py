@@ -16,12 +16,8 @@ import torch
 from helpers.compression.allocation import ModelShape, constant_dims, layer_allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import (
-    load_sliced,
-    make_rotation_invariant,
-    rotate_and_slice,
-    save_sliced,
-)
+from helpers.compression.sliced_io import load_sliced, save_sliced
+from helpers.compression.slicing import make_rotation_invariant, rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.infra.textdata import load_windows
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.compression.slicing import rotate_and_slice, save_sliced
+from helpers.compression.sliced_io import save_sliced
+from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation.speed import Workload, interleaved_benchmark, speed_markdown, summarise
 from helpers.models.loading import tiny_model
 

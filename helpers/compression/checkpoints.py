@@ -1,6 +1,6 @@
 """Saved checkpoint formats: which loader a folder needs, and the pruned-model format.
 
-A folder written by `helpers.compression.slicing.save_sliced` holds a
+A folder written by `helpers.compression.sliced_io.save_sliced` holds a
 `slicing.json`, one written by `save_pruned` a `pruning.json`; `load_model`
 reads the marker and dispatches, and anything else is an uncompressed model
 for `helpers.models.loading.load_dense`. This module sits above the loaders it
@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from helpers.compression.depth import renumber_layers
-from helpers.compression.slicing import SLICING_FILE, load_sliced
+from helpers.compression.sliced_io import SLICING_FILE, load_sliced
 from helpers.infra.integrity import CHECKSUM_FIELD, IntegrityError, folder_checksums, read_metadata, verify_checksums
 from helpers.infra.storage import atomic_path, write_json_atomic
 from helpers.models.adapters import get_adapter

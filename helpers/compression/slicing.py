@@ -24,14 +24,14 @@ more parameters in the tied layout). With `tied=True` the model keeps one V x d 
 table shared by input and output, plus a d x d_0 input matrix and the final
 norm's d-vector scale, instead of a second V x d_0 table. Everything family-specific
 (which norms, their scales, pre- or post-norm blocks, embedding scale,
-position tables) comes from the adapter (helpers/adapters).
+position tables) comes from the adapter (helpers/adapters). Saving and
+reloading a sliced model is helpers.compression.sliced_io.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -40,41 +40,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from helpers.infra.integrity import (
-    CHECKSUM_FIELD,
     check_calibration_tokens,
-    folder_checksums,
-    read_metadata,
-    safetensors_shapes,
-    verify_checksums,
 )
 from helpers.infra.memory import release_freed_memory
 from helpers.infra.progress import progress_bar
-from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
 from helpers.models.hooks import forward_hooks, layer_input
 from helpers.models.loading import pick_device
-from helpers.models.shareable import check_stored_layout, layout_spec, sliced_spec, write_shareable
 from helpers.models.sliced_layers import (
     RotatedEmbedding,
     TiedHead,
     WeightlessRMSNorm,
-    build_sliced,
+    linear_from,
     rotate_input,
     rotate_output,
+    rowwise,
     set_linear,
 )
 
 log = logging.getLogger(__name__)
 
-SLICING_FILE = "slicing.json"  # marks a folder written by save_sliced
-FORMAT_VERSION = 2  # 2: the tied head stores the final norm's scale as a d-vector, not a d x d matrix
-SLICING_SCHEMA = {"format_version": "int", "hidden_size": "int", "dims": "ints", "tied": "bool"}
-SLICING_OPTIONAL = {"final_dim": "int"}  # absent in folders saved before the option: the full width
 DAMPING = 0.01  # fraction of the mean eigenvalue added to the covariance diagonal
 
 
@@ -123,13 +111,13 @@ def _centre_output(linear: nn.Linear) -> None:
     set_linear(linear, weight - weight.mean(0, keepdim=True), bias)
 
 
-def _centre_table(table: nn.Embedding) -> None:
+def centre_table(table: nn.Embedding) -> None:
     """Subtract each row's mean (LayerNorm families: embeddings write mean-free vectors)."""
     weight = table.weight.detach()
     table.weight = nn.Parameter(weight - weight.mean(-1, keepdim=True), requires_grad=False)
 
 
-def _invariant_layer(adapter: ModelAdapter, layer: nn.Module, d: int, eps: float) -> nn.Module:
+def invariant_layer(adapter: ModelAdapter, layer: nn.Module, d: int, eps: float) -> nn.Module:
     """The family's sliced layer at full width: folded readers, identity shortcuts, output-norm scales in maps."""
     _fold_norm(adapter, adapter.input_norm(layer), adapter.attention_inputs(layer))
     _fold_norm(adapter, adapter.post_attention_norm(layer), adapter.mlp_inputs(layer))
@@ -149,12 +137,10 @@ def _fold_final_norm(model: nn.Module, adapter: ModelAdapter) -> None:
     """Fold the final norm into a new, untied head: W -> W diag(g), bias W beta (LayerNorm)."""
     head, norm = adapter.head(model), adapter.final_norm(model)
     shift = adapter.norm_bias(norm)
-    folded = head.weight.double() * adapter.norm_scale(norm).double()
-    new_head = nn.Linear(
-        folded.shape[1], folded.shape[0], bias=shift is not None, device=head.weight.device, dtype=head.weight.dtype
-    )
-    set_linear(new_head, folded, None if shift is None else head.weight.double() @ shift.double())
-    adapter.set_head(model, new_head)
+    scale = adapter.norm_scale(norm).double().to(head.weight.device)
+    folded = rowwise(head.weight, lambda rows: rows * scale)
+    bias = None if shift is None else (head.weight.double() @ shift.double()).to(folded.dtype)
+    adapter.set_head(model, linear_from(folded, bias))
 
 
 def make_rotation_invariant(model: nn.Module) -> nn.Module:
@@ -167,14 +153,25 @@ def make_rotation_invariant(model: nn.Module) -> nn.Module:
     d, eps = model.config.hidden_size, adapter.norm_eps(model)
     with torch.no_grad():
         for index, layer in enumerate(list(adapter.layers(model))):
-            adapter.set_layer(model, index, _invariant_layer(adapter, layer, d, eps))
-        _fold_final_norm(model, adapter)
-        adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
-        if adapter.centres_residual:
-            for table in [adapter.embedding(model), *adapter.position_tables(model)]:
-                _centre_table(table)
-    model.config.tie_word_embeddings = False
+            adapter.set_layer(model, index, invariant_layer(adapter, layer, d, eps))
+        invariant_ends(model, adapter)
     return model
+
+
+def invariant_ends(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Step 1 outside the layers: the final norm folded into an untied head, mean-free tables (LayerNorm families)."""
+    d, eps = model.config.hidden_size, adapter.norm_eps(model)
+    _fold_final_norm(model, adapter)
+    adapter.set_final_norm(model, WeightlessRMSNorm(d, eps))
+    centre_tables(model, adapter)
+    model.config.tie_word_embeddings = False
+
+
+def centre_tables(model: nn.Module, adapter: ModelAdapter) -> None:
+    """LayerNorm families: the token and position tables write mean-free vectors (a no-op for RMSNorm families)."""
+    if adapter.centres_residual:
+        for table in [adapter.embedding(model), *adapter.position_tables(model)]:
+            centre_table(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,13 +237,13 @@ def principal_basis(
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_device(obj, device: torch.device):
+def to_device(obj, device: torch.device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple | list):
-        return type(obj)(_to_device(item, device) for item in obj)
+        return type(obj)(to_device(item, device) for item in obj)
     if isinstance(obj, dict):
-        return {key: _to_device(value, device) for key, value in obj.items()}
+        return {key: to_device(value, device) for key, value in obj.items()}
     return obj
 
 
@@ -254,7 +251,7 @@ class _StopForward(Exception):
     """Raised by a hook once it has what it needs."""
 
 
-def _record_layer_kwargs(model: nn.Module, input_ids: torch.Tensor) -> list[dict]:
+def record_layer_kwargs(model: nn.Module, input_ids: torch.Tensor) -> list[dict]:
     """Run one window and keep each layer's keyword arguments (mask, rotary embeddings, positions)."""
     adapter = get_adapter(model)
     recorded: list[dict] = [{} for _ in adapter.layers(model)]
@@ -267,7 +264,7 @@ def _record_layer_kwargs(model: nn.Module, input_ids: torch.Tensor) -> list[dict
     return recorded
 
 
-def _first_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor], inputs: ActivationStore) -> None:
+def first_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor], inputs: ActivationStore) -> None:
     """Append to `inputs` what the first decoder layer receives (scaled embeddings plus any learned positions)."""
     adapter = get_adapter(model)
 
@@ -292,7 +289,7 @@ def check_dims(dims: Sequence[int], n_layers: int, hidden_size: int) -> list[int
     return dims
 
 
-def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def split_batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
 
 
@@ -332,7 +329,7 @@ class ActivationStore:
 
 
 @dataclass
-class _Calibration:
+class Calibration:
     """The state the sequential loop carries from one residual boundary to the next."""
 
     xs: ActivationStore  # calibration activations in the current basis, one chunk per batch
@@ -358,23 +355,21 @@ class _Calibration:
         self.basis = basis
 
 
-def first_basis(model: nn.Module, calib: _Calibration, batches: Sequence[torch.Tensor], d_0: int) -> torch.Tensor:
+def first_basis(model: nn.Module, calib: Calibration, batches: Sequence[torch.Tensor], d_0: int) -> torch.Tensor:
     """Step 2: the PCA basis of the first layer's inputs; the calibration moves into it."""
     inputs = ActivationStore(calib.xs.folder)
-    _first_layer_inputs(model, batches, inputs)
+    first_layer_inputs(model, batches, inputs)
     basis = calib.pca(inputs, "attn_0", d_0)
     calib.move_to(inputs, basis)
     return basis
 
 
-def _writers(adapter: ModelAdapter, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+def residual_writers(adapter: ModelAdapter, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     """The two linear layers of a (sliced) layer that write the residual stream."""
     return layer.residual_writers(adapter.attention_output(layer), adapter.mlp_output(layer))
 
 
-def slice_attention_half(
-    adapter: ModelAdapter, layer: nn.Module, index: int, calib: _Calibration, kwargs: dict
-) -> None:
+def slice_attention_half(adapter: ModelAdapter, layer: nn.Module, index: int, calib: Calibration, kwargs: dict) -> None:
     """Attention reads the current basis; its output (measured in the original basis) goes into its PCA basis."""
     basis_in = calib.basis
     for linear in adapter.attention_inputs(layer):
@@ -382,12 +377,12 @@ def slice_attention_half(
     set_linear(layer.attn_shortcut, basis_in)  # for now the half writes original coordinates
     outputs = calib.xs.map(lambda x: layer.attention_half(x.to(calib.device), **kwargs).cpu())
     basis_mid = calib.pca(outputs, f"mlp_{index}", basis_in.shape[1])
-    rotate_output(_writers(adapter, layer)[0], basis_mid)
+    rotate_output(residual_writers(adapter, layer)[0], basis_mid)
     set_linear(layer.attn_shortcut, basis_mid.T @ basis_in)
     calib.move_to(outputs, basis_mid)
 
 
-def slice_mlp_half(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: _Calibration) -> None:
+def slice_mlp_half(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: Calibration) -> None:
     """Same pattern for the MLP; after the last layer the basis is the identity unless `final_dim` slices it."""
     basis_mid = calib.basis
     for linear in adapter.mlp_inputs(layer):
@@ -399,17 +394,17 @@ def slice_mlp_half(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: i
         basis_out = torch.eye(d_out, dtype=torch.float64)
     else:
         basis_out = calib.pca(outputs, f"{'head' if last else 'attn'}_{index + 1}", d_out)
-    rotate_output(_writers(adapter, layer)[1], basis_out)
+    rotate_output(residual_writers(adapter, layer)[1], basis_out)
     set_linear(layer.mlp_shortcut, basis_out.T @ basis_mid)
     calib.move_to(outputs, basis_out)
 
 
-def slice_layer(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: _Calibration, kwargs: dict):
+def slice_layer(adapter: ModelAdapter, layer: nn.Module, index: int, d_out: int, calib: Calibration, kwargs: dict):
     """Step 3 for one (full-width, folded) layer: slice its two halves on the accelerator, then back to the CPU."""
     dtype = adapter.attention_output(layer).weight.dtype
     layer.to(device=calib.device, dtype=dtype)
     with torch.no_grad():
-        slice_attention_half(adapter, layer, index, calib, _to_device(kwargs, calib.device))
+        slice_attention_half(adapter, layer, index, calib, to_device(kwargs, calib.device))
         slice_mlp_half(adapter, layer, index, d_out, calib)
     layer.cpu()
 
@@ -432,30 +427,52 @@ def finish_ends(
     A sliced last basis Q_L (d x d_L, `final_dim`) gives the head its own
     V x d_L matrix, W Q_L, in either layout (tied: W = table x scale).
     """
-    dtype = table.weight.dtype
+    finish_head(model, adapter, table if tied else None, final_scale, last_basis)
+    finish_embedding(model, adapter, table, basis, tied)
+
+
+def finish_head(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    table: nn.Module | None,
+    final_scale: torch.Tensor,
+    last_basis: torch.Tensor,
+) -> None:
+    """Step 4, output side: the head reads the last basis (`table` given: the tied layout's head on that table)."""
     sliced_head = last_basis.shape[1] < last_basis.shape[0]
+    if table is None:
+        if sliced_head:
+            rotate_input(adapter.head(model), last_basis)
+        return
+    head = TiedHead(table)
+    head.scale.copy_(final_scale.to(head.scale.dtype))
+    if sliced_head:
+        scale, last_basis = final_scale.to(table.weight.device), last_basis.to(table.weight.device)
+        head = linear_from(rowwise(table.weight, lambda rows: (rows * scale) @ last_basis))
+    adapter.set_head(model, head)
+
+
+def finish_embedding(
+    model: nn.Module, adapter: ModelAdapter, table: nn.Module, basis: torch.Tensor, tied: bool
+) -> None:
+    """Step 4, input side: token (and learned position) tables into the first basis, tied or untied."""
+    dtype = table.weight.dtype
     for positions in adapter.position_tables(model):
         positions.weight = nn.Parameter((positions.weight.double() @ basis).to(dtype), requires_grad=False)
     if tied:
         embedding = RotatedEmbedding(table, basis.shape[1]).to(dtype)
         set_linear(embedding.proj, basis.T)
-        head = TiedHead(table)
-        head.scale.copy_(final_scale.to(head.scale.dtype))
-        if sliced_head:
-            head = nn.Linear(last_basis.shape[1], table.num_embeddings, bias=False, dtype=dtype)
-            set_linear(head, (table.weight.double() * final_scale) @ last_basis)
         adapter.set_embedding(model, embedding)
-        adapter.set_head(model, head)
         return
-    if sliced_head:
-        rotate_input(adapter.head(model), last_basis)
-    weight = adapter.embedding_scale(model) * table.weight.double() @ basis
-    embedding = nn.Embedding(weight.shape[0], weight.shape[1], dtype=dtype)
-    embedding.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    scale, basis = adapter.embedding_scale(model), basis.to(table.weight.device)
+    weight = rowwise(table.weight, lambda rows: scale * rows @ basis)
+    with torch.device("meta"):
+        embedding = nn.Embedding(weight.shape[0], weight.shape[1], dtype=dtype)
+    embedding.weight = nn.Parameter(weight, requires_grad=False)
     adapter.set_embedding(model, embedding)
 
 
-def _layout(adapter: ModelAdapter, model: nn.Module, tied: bool | None) -> bool:
+def choose_layout(adapter: ModelAdapter, model: nn.Module, tied: bool | None) -> bool:
     """Whether to keep one shared table: the model's own choice unless asked, where the family allows it."""
     ships_tied = adapter.tied(model)
     if tied is None:
@@ -499,6 +516,17 @@ def rotate_and_slice(
         return _rotate_and_slice(*args, Path(folder))
 
 
+def check_inputs(config, input_ids: torch.Tensor, dims: Sequence[int], final_dim: int | None) -> tuple[list[int], int]:
+    """Validated per-layer dims and last width; calibration windows must be (windows, seqlen)."""
+    d = config.hidden_size
+    dims = check_dims(dims, config.num_hidden_layers, d)
+    final_dim = check_dims([final_dim or d], 1, d)[0]
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
+    check_calibration_tokens(input_ids.numel(), d, allow_few=True)  # a loud warning; the CLI refuses
+    return dims, final_dim
+
+
 def _rotate_and_slice(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -513,21 +541,17 @@ def _rotate_and_slice(
 ) -> SlicingInfo:
     adapter = get_adapter(model)
     d, n_layers = model.config.hidden_size, model.config.num_hidden_layers
-    dims = check_dims(dims, n_layers, d)
-    final_dim = check_dims([final_dim or d], 1, d)[0]
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (windows, seqlen), got shape {tuple(input_ids.shape)}.")
-    check_calibration_tokens(input_ids.numel(), d, allow_few=True)  # a loud warning; the CLI refuses
-    tied = _layout(adapter, model, tied)
+    dims, final_dim = check_inputs(model.config, input_ids, dims, final_dim)
+    tied = choose_layout(adapter, model, tied)
     model.cpu().eval()
     info = SlicingInfo(dims=dims, tied=tied, hidden_size=d, final_dim=final_dim)
-    batches = _batches(input_ids, batch_size)
-    layer_kwargs = _record_layer_kwargs(model, input_ids[:1])
+    batches = split_batches(input_ids, batch_size)
+    layer_kwargs = record_layer_kwargs(model, input_ids[:1])
     table = adapter.embedding(model)
     final_scale = adapter.norm_scale(adapter.final_norm(model)).double().clone()
 
     make_rotation_invariant(model)
-    calib = _Calibration(ActivationStore(store), torch.eye(d, dtype=torch.float64), pick_device(device), damping, info)
+    calib = Calibration(ActivationStore(store), torch.eye(d, dtype=torch.float64), pick_device(device), damping, info)
     basis_0 = first_basis(model, calib, batches, dims[0])
     for i in progress_bar(range(n_layers), desc="slice", unit="layer", disable=not progress):
         d_out = dims[i + 1] if i + 1 < n_layers else final_dim
@@ -562,80 +586,3 @@ def untie_sliced(model: nn.Module) -> nn.Module:
     adapter.set_embedding(model, new_embedding.to(table.device))
     model.slicing_info.tied = False
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Save and reload
-# ---------------------------------------------------------------------------------------------
-
-
-def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, final_dim: int) -> dict:
-    """Turn a freshly built dense model into an (uninitialised) sliced one with the right shapes; return its spec.
-
-    The same `build_sliced` the modeling file saved for plain transformers runs, with the adapter's own layers.
-    """
-    adapter = get_adapter(model)
-    d, eps = model.config.hidden_size, adapter.norm_eps(model)
-    head_bias = adapter.norm_bias(adapter.final_norm(model)) is not None  # folded into the head (LayerNorm)
-    spec = layout_spec(model, list(dims), tied, final_dim, head_bias)
-    build_sliced(model, spec, lambda block, d_in, d_out: adapter.sliced_layer(block, d_in, d_out, d, eps))
-    return spec
-
-
-def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
-    """Write a sliced model to `folder`: model.safetensors, config.json, slicing.json, tokenizer files, modeling_lab.py.
-
-    The folder appears only when everything is written (helpers.infra.storage.atomic_path).
-    """
-    info: SlicingInfo | None = getattr(model, "slicing_info", None)
-    if info is None:
-        raise ValueError("This model has not been sliced (no slicing_info); run rotate_and_slice first.")
-    folder = Path(folder)
-    with atomic_path(folder, kind="sliced") as tmp:
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_shareable(tmp, sliced_spec(model))  # plain transformers loads it too (trust_remote_code=True)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model_type": model.config.model_type,
-            "hidden_size": info.hidden_size,
-            "dims": info.dims,
-            "tied": info.tied,
-            "final_dim": info.final_dim or info.hidden_size,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            CHECKSUM_FIELD: folder_checksums(tmp),  # verified on load
-        }
-        (tmp / SLICING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def load_sliced(
-    folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[nn.Module, object]:
-    """Reload a folder written by `save_sliced` as `(model, tokenizer)`, in eval mode on `device`."""
-    folder = Path(folder)
-    meta_path = folder / SLICING_FILE
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{folder} has no slicing.json: not a sliced model saved by save_sliced.")
-    meta = read_metadata(meta_path, SLICING_SCHEMA, {CHECKSUM_FIELD: "dict", **SLICING_OPTIONAL})
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{folder} uses slicing format {meta['format_version']}; expected {FORMAT_VERSION}.")
-    verify_checksums(folder, SLICING_FILE, meta.get(CHECKSUM_FIELD, {}))
-    config = AutoConfig.from_pretrained(folder)
-    get_adapter(config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    dims = check_dims(meta["dims"], config.num_hidden_layers, config.hidden_size)
-    final_dim = check_dims([meta.get("final_dim", config.hidden_size)], 1, config.hidden_size)[0]
-    spec = _build_sliced_structure(model, dims, meta["tied"], final_dim)
-    check_stored_layout(spec, safetensors_shapes(folder / "model.safetensors"), meta_path)
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
-    if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match the sliced layout (missing {missing}, extra {unexpected}).")
-    model.slicing_info = SlicingInfo(dims=dims, tied=meta["tied"], hidden_size=config.hidden_size, final_dim=final_dim)
-    model.to(device=pick_device(device), dtype=dtype).eval()
-    model.name_or_path = str(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    return model, tokenizer

@@ -46,24 +46,34 @@ def perplexity_on_ids(
     model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "perplexity"
 ) -> PerplexityResult:
     """exp(mean next-token NLL) over windows `input_ids` (n, seqlen), batched."""
+    device = next(model.parameters()).device
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids.to(device), use_cache=False).logits
+
+    return perplexity_of(logits_of, input_ids, getattr(model.config, "bos_token_id", None), batch_size, progress, desc)
+
+
+def perplexity_of(
+    logits_of, input_ids: torch.Tensor, bos_token: int | None, batch_size: int, progress: bool, desc: str
+) -> PerplexityResult:
+    """Perplexity of windows `input_ids` from `logits_of(batch)`, called once per batch of `batch_size`, in order."""
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be (windows, seqlen >= 2), got shape {tuple(input_ids.shape)}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    device = next(model.parameters()).device
     window_nll: list[float] = []
     starts = range(0, input_ids.shape[0], batch_size)
     with torch.no_grad():
         for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
-            ids = input_ids[start : start + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            targets = ids[:, 1:]
+            ids = input_ids[start : start + batch_size]
+            logits = logits_of(ids)[:, :-1].float()
+            targets = ids[:, 1:].to(logits.device)
             nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             window_nll += nll.double().sum(1).tolist()
     count = input_ids.shape[0] * (input_ids.shape[1] - 1)
     mean = math.fsum(window_nll) / count
     tokens = (input_ids.shape[1] - 1,) * input_ids.shape[0]
-    bos_token = getattr(model.config, "bos_token_id", None)
     bos = bos_token is not None and bool((input_ids[:, 0] == bos_token).all())
     return PerplexityResult(
         math.exp(mean), mean, count, input_ids.shape[0], input_ids.shape[1], bos, tuple(window_nll), tokens

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from helpers.compression.slicing import save_sliced
+from helpers.compression.sliced_io import save_sliced
 from helpers.evaluation import speed, stats
 from helpers.evaluation.speed import WORKLOADS
 from helpers.experiments.cells import Lab, best_dynamic, cell_params, speed_folder

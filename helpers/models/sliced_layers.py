@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+ROW_BLOCK = 4096  # rows of a weight turned into float64 at a time (vocabulary-sized tables stream through)
+
 
 class WeightlessRMSNorm(nn.Module):
     """x / sqrt(sum(x^2) / dim + eps): an RMS norm with no scale, dividing by the ORIGINAL width.
@@ -46,9 +48,34 @@ def set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | Non
         linear.bias = nn.Parameter(bias.to(ref.dtype).to(ref.device), requires_grad=False)
 
 
+def rowwise(weight: torch.Tensor, func, rows: int = ROW_BLOCK) -> torch.Tensor:
+    """`func` (a float64 map of row blocks) applied to `weight` block by block, the result in `weight`'s dtype.
+
+    A whole V x d table in float64 would double or triple the peak memory of a
+    streamed run (4 GB for Llama-3-8B's); one block at a time it is a few MB.
+    """
+    first = func(weight[:rows].double()).to(weight.dtype)
+    out = first.new_empty(weight.shape[0], *first.shape[1:])  # filled in place: no list of blocks to concatenate
+    out[:rows] = first
+    for lo in range(rows, weight.shape[0], rows):
+        out[lo : lo + rows] = func(weight[lo : lo + rows].double())
+    return out
+
+
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """An `nn.Linear` holding `weight` (out x in) and `bias` as they are, without allocating a random one first."""
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
 def rotate_input(linear: nn.Linear, basis: torch.Tensor) -> None:
-    """The linear layer now reads coordinates in `basis` (d x k): W -> W Q."""
-    set_linear(linear, linear.weight.double() @ basis.to(linear.weight.device))
+    """The linear layer now reads coordinates in `basis` (d x k): W -> W Q (float64, a block of rows at a time)."""
+    basis = basis.to(linear.weight.device)
+    set_linear(linear, rowwise(linear.weight, lambda rows: rows @ basis))
 
 
 def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:

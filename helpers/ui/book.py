@@ -20,7 +20,15 @@ from helpers.models.loading import model_label
 BOOK_DIR = REPO_ROOT / "book"  # committed sources: _config.yml, _toc.yml, index.md
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 DOCS_DIR = REPO_ROOT / "docs"
-DOCS_PAGES = ("method", "findings", "speed", "validation", "reliability", "gemma3")  # docs/<name>.md, in book/_toc.yml
+DOCS_PAGES = (
+    "method",
+    "findings",
+    "speed",
+    "streaming",
+    "validation",
+    "reliability",
+    "gemma3",
+)  # docs/<name>.md, in book/_toc.yml
 DEFAULT_OUT = REPO_ROOT / "_build" / "book"
 MODES = {
     "fast": "fast mode (`HELPERS_FAST=1`): every size shrunk so that it runs in minutes; numbers are noisy",
