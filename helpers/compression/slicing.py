@@ -639,10 +639,11 @@ def _build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, f
     model.config.tie_word_embeddings = False
 
 
-def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
+def save_sliced(model: nn.Module, tokenizer, folder: str | Path, extra: dict | None = None) -> Path:
     """Write a sliced model to `folder`: model.safetensors, config.json, slicing.json, tokenizer files, modeling_lab.py.
 
-    The folder appears only when everything is written (helpers.infra.storage.atomic_path).
+    `extra` adds fields to slicing.json (e.g. the recovery recipe). The folder appears only when
+    everything is written (helpers.infra.storage.atomic_path).
     """
     info: SlicingInfo | None = getattr(model, "slicing_info", None)
     if info is None:
@@ -663,6 +664,7 @@ def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
             "tied": info.tied,
             "final_dim": info.final_dim or info.hidden_size,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            **(extra or {}),
             CHECKSUM_FIELD: folder_checksums(tmp),  # verified on load
         }
         (tmp / SLICING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
