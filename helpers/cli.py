@@ -191,7 +191,7 @@ def _recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=positive_int, default=d.rank, help="LoRA rank")
     p.add_argument("--alpha", type=positive_float, default=d.alpha, help="LoRA alpha (the update is scaled alpha/rank)")
     p.add_argument("--dropout", type=fraction, default=d.dropout, help="LoRA dropout")
-    p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--learning-rate", type=positive_float, default=d.lr, help="peak learning rate (AdamW)")
     p.add_argument("--tokens", type=positive_int, default=d.tokens, help="training-token budget")
     p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps at most (default: the budget's)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="windows per step")
@@ -239,7 +239,7 @@ def _preflight_recover(args: argparse.Namespace) -> None:
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,
-        lr=args.lr,
+        lr=args.learning_rate,
         tokens=args.tokens,
         steps=args.steps,
         batch_size=args.batch_size,

@@ -149,7 +149,9 @@ def test_recovered_folders_reload_with_the_lab_and_plain_transformers(tmp_path, 
     pruned = _pruned(**tiny)
     info = {"removed": [1, 2], "replacement": replacement_info(pruned.model.layers[1], "swiglu", 1)}
     sources["pruned"] = save_pruned(pruned, tokenizer, tmp_path / "pruned", info)
-    settings = RecoverySettings(rank=4, lr=1e-3, tokens=3 * 2 * 32, batch_size=2, seqlen=32, val_windows=2)
+    settings = RecoverySettings(  # the held-out check has its own test
+        rank=4, lr=1e-3, tokens=3 * 2 * 32, batch_size=2, seqlen=32, val_windows=2, held_out=()
+    )
     ids = load_windows(tokenizer, CALIB_TEXT, 32, 2)
     torch.save(ids, tmp_path / "ids.pt")
     outs = []
@@ -192,8 +194,6 @@ def test_recovery_windows_share_no_token_run_with_any_evaluation_window(tokenize
     assert shared_spans(data, same_text[:, 7:]) > 1000
     with pytest.raises(ValueError, match=r"shares \d+ runs of 32 tokens with the evaluation text 'great-expectations'"):
         recovery_data(tokenizer, RecoverySettings(text=EVAL_TEXT, held_out=(EVAL_TEXT,)))
-    with pytest.raises(ValueError, match="shares"):
-        recovery_data(tokenizer, RecoverySettings(text="gutenberg"))
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def folders(tmp_path_factory, tokenizer):
 
 BAD = [
     (["--model", "{r}/sliced", "--steps", "0"], "--steps"),
-    (["--model", "{r}/sliced", "--rank", "33"], "--rank 33 exceeds the width of model.layers.3"),
+    (["--model", "{r}/sliced", "--rank", "33"], "--rank 33 exceeds the width of model.layers.0.self_attn.k_proj"),
     (["--model", "{r}/dense"], "is a dense model"),
     (["--model", DEFAULT_MODEL], "is a dense model"),
     (["--model", "{r}/missing"], "no such folder"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -258,7 +259,9 @@ def add_adapters(model: nn.Module, settings: RecoverySettings) -> nn.Module:
         bias="none",
     )
     torch.manual_seed(settings.seed)  # the adapters' random A matrices
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notice, raised inside peft
+        return get_peft_model(model, config)
 
 
 def _schedule(optimiser: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
