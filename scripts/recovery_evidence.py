@@ -4,7 +4,7 @@ Each model is scored once (perplexity on held-out windows, the paper's metric pe
 questions) and its scores cached as JSON in --out, so an interrupted run resumes. Every pair
 BEFORE=AFTER gets a paired perplexity difference and paired accuracy differences (after minus before,
 bootstrap intervals from helpers.evaluation.stats). Usage:
-    python scripts/recovery_evidence.py --out DIR [--limit 200] BEFORE=AFTER [BEFORE=AFTER ...]
+    python scripts/recovery_evidence.py --out DIR [--limit 50] BEFORE=AFTER [BEFORE=AFTER ...]
 """
 
 from __future__ import annotations
@@ -78,10 +78,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pairs", nargs="+", help="BEFORE=AFTER folder pairs")
     parser.add_argument("--out", type=Path, required=True, help="folder for the per-model score caches")
-    parser.add_argument("--limit", type=int, default=200, help="questions per task (the reduced gallery's)")
-    parser.add_argument("--dtype", default="bfloat16", help="zero-shot scoring precision (the gallery's)")
+    parser.add_argument("--limit", type=int, default=50, help="questions per task (the reduced gallery scores 200)")
+    parser.add_argument(
+        "--dtype", default="float32", help="zero-shot scoring precision (bfloat16 is slow without AVX512-BF16)"
+    )
     parser.add_argument("--seqlen", type=int, default=512, help="perplexity window (the ppl command's)")
-    parser.add_argument("--windows", type=int, default=32, help="perplexity windows (the ppl command's)")
+    parser.add_argument("--windows", type=int, default=16, help="perplexity windows (the ppl command's default is 32)")
     args = parser.parse_args()
     pairs = [pair.split("=") for pair in args.pairs]
     records = {}

@@ -126,10 +126,6 @@ class RecoveryReport:
     train_windows: int
     history: dict = field(default_factory=dict)  # step, train_loss, val_step, val_loss
 
-    def record(self) -> dict:
-        """The metadata a recovered folder stores (everything but the per-step history)."""
-        return {k: v for k, v in asdict(self).items() if k != "history"}
-
 
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
     """peft's rule for a plain list of names: the module's name is a target or ends in "." + target."""
@@ -340,8 +336,9 @@ def recover(
                 best_val, best_step, best_state, waited = val, step, _lora_state(peft_model), 0
             else:
                 waited += 1
-                if waited >= settings.patience:
-                    break
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}", best=f"{best_val:.3f}")
+            if waited >= settings.patience:
+                break
     bar.close()
     if not math.isfinite(best_val):
         raise RuntimeError("Recovery diverged (validation loss is not finite); lower the learning rate.")
@@ -382,7 +379,7 @@ def recover_folder(
     train_ids, val_ids = recovery_data(tokenizer, settings)  # refuses a text that overlaps the evaluation books
     model, tokenizer = load_model(str(folder), device="cpu")
     model, report = recover(model, tokenizer, settings, train_ids, val_ids, progress=progress)
-    record = {**report.record(), "source": str(folder)}
+    record = {**asdict(report), "source": str(folder)}
     if kind == "sliced":
         save_sliced(model, tokenizer, out, extra={"recovery": record})
     else:
