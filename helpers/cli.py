@@ -176,6 +176,90 @@ def _loss_plot(out: Path) -> Path:
     return out.parent / f"{out.name}_loss.png"
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+positive_float.__name__ = "positive number"
+
+
+def _recover_args(p: argparse.ArgumentParser) -> None:
+    from helpers.compression.recovery import RecoverySettings
+
+    d = RecoverySettings()
+    p.add_argument("--model", required=True, help="a sliced, pruned or hybrid folder saved by the lab")
+    p.add_argument("--rank", type=positive_int, default=d.rank, help="LoRA rank")
+    p.add_argument("--alpha", type=positive_float, default=d.alpha, help="LoRA alpha (the update is scaled alpha/rank)")
+    p.add_argument("--dropout", type=fraction, default=d.dropout, help="LoRA dropout")
+    p.add_argument("--learning-rate", type=positive_float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--tokens", type=positive_int, default=d.tokens, help="training-token budget")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps at most (default: the budget's)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="windows per step")
+    p.add_argument("--seqlen", type=positive_int, default=d.seqlen, help="tokens per window")
+    p.add_argument("--val-windows", type=positive_int, default=d.val_windows, help="held-back windows to validate on")
+    p.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="steps between validations")
+    p.add_argument("--patience", type=positive_int, default=d.patience, help="validations without gain before stop")
+    p.add_argument("--warmup", type=fraction, default=d.warmup, help="fraction of the steps spent warming up")
+    p.add_argument("--targets", default=",".join(d.targets), help="comma-separated linear layer names to adapt")
+    p.add_argument("--shortcuts", action="store_true", help="also adapt a sliced model's shortcut matrices")
+    p.add_argument("--text", default=d.text, help="training text; must share no text with the evaluation books")
+    p.add_argument("--seed", type=count, default=d.seed)
+    _out_args(p, "sliced", "folder for the recovered model (same kind as --model)", required=True)
+
+
+@command("recover", _recover_args)
+def run_recover(args: argparse.Namespace) -> int:
+    """Recovery fine-tuning: LoRA on a compressed folder, merged back into its weights, saved as a lab folder."""
+    import math
+
+    from helpers.compression.recovery import recover_folder
+
+    report = recover_folder(args.model, args.out, args.settings)
+    before, after = report.val_loss_before, report.val_loss_after
+    print(f"validation perplexity {math.exp(before):.3f} -> {math.exp(after):.3f} (best at step {report.best_step})")
+    stop = "stopped early" if report.stopped_early else "budget spent"
+    print(f"{report.steps} steps, {report.tokens:,} training tokens ({stop}); {report.adapted} layers adapted")
+    print(f"{report.seconds:.0f} s, peak memory {report.peak_memory_mb:.0f} MiB; wrote {args.out}")
+    return 0
+
+
+def _preflight_recover(args: argparse.Namespace) -> None:
+    """`recover`: the folder is a compressed lab folder and the recipe fits it, read from headers only."""
+    from helpers.compression.recovery import NotCompressedError, RecoverySettings, check_recovery_folder
+    from helpers.models.loading import KNOWN_MODELS
+
+    if args.model in KNOWN_MODELS:
+        raise NotCompressedError(
+            f"--model {args.model} is a dense model; recovery needs a sliced, pruned or hybrid folder."
+        )
+    if not Path(args.model).expanduser().is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such folder; give a folder saved by `slice` or `prune`.")
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    args.settings = RecoverySettings(
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        lr=args.learning_rate,
+        tokens=args.tokens,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seqlen=args.seqlen,
+        val_windows=args.val_windows,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        warmup=args.warmup,
+        targets=targets,
+        shortcuts=args.shortcuts,
+        text=args.text,
+        seed=args.seed,
+    )
+    args.out_kind = check_recovery_folder(Path(args.model).expanduser(), args.settings)
+
+
 def _compare_args(p: argparse.ArgumentParser) -> None:
     from helpers.evaluation.allocation_rules import BASE_SLICE
     from helpers.experiments.presets import SIZES
@@ -746,6 +830,8 @@ def preflight(args: argparse.Namespace) -> None:
     lr_file = getattr(args, "lr", None)
     if lr_file is not None and not lr_file.is_file():
         raise ValueError(f"--lr {lr_file} is {'a folder' if lr_file.is_dir() else 'missing'}; give an LR CSV file.")
+    if args.command == "recover":
+        _preflight_recover(args)
     _check_out(args)
     offload = getattr(args, "offload_dir", None)
     if offload is not None:

@@ -50,10 +50,11 @@ def build_sliced_structure(model: nn.Module, dims: Sequence[int], tied: bool, fi
     return spec
 
 
-def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
+def save_sliced(model: nn.Module, tokenizer, folder: str | Path, extra: dict | None = None) -> Path:
     """Write a sliced model to `folder`: model.safetensors, config.json, slicing.json, tokenizer files, modeling_lab.py.
 
-    The folder appears only when everything is written (helpers.infra.storage.atomic_path).
+    `extra` adds fields to slicing.json (e.g. the recovery recipe). The folder appears only when
+    everything is written (helpers.infra.storage.atomic_path).
     """
     info: SlicingInfo | None = getattr(model, "slicing_info", None)
     if info is None:
@@ -62,11 +63,11 @@ def save_sliced(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     with atomic_path(folder, kind="sliced") as tmp:
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / WEIGHTS_FILE))
-        write_folder_files(model, tokenizer, tmp)
+        write_folder_files(model, tokenizer, tmp, extra)
     return folder
 
 
-def write_folder_files(model: nn.Module, tokenizer, tmp: Path) -> None:
+def write_folder_files(model: nn.Module, tokenizer, tmp: Path, extra: dict | None = None) -> None:
     """Everything of a sliced folder but the weights (written first): config, tokenizer, modeling file, slicing.json."""
     info: SlicingInfo = model.slicing_info
     model.config.save_pretrained(tmp)
@@ -81,6 +82,7 @@ def write_folder_files(model: nn.Module, tokenizer, tmp: Path) -> None:
         "tied": info.tied,
         "final_dim": info.final_dim or info.hidden_size,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        **(extra or {}),
         CHECKSUM_FIELD: folder_checksums(tmp),  # verified on load
     }
     (tmp / SLICING_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -28,7 +28,6 @@ import psutil
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers.compression.sliced_io import WEIGHTS_FILE, build_sliced_structure, write_folder_files
@@ -50,6 +49,7 @@ from helpers.compression.slicing import (
     split_batches,
 )
 from helpers.infra.memory import release_freed_memory, return_large_blocks
+from helpers.infra.progress import progress_bar
 from helpers.infra.shards import CheckpointReader, ShardWriter
 from helpers.infra.storage import atomic_path
 from helpers.models.adapters import ModelAdapter, get_adapter
@@ -317,7 +317,7 @@ def _layer_stage(model, adapter, reader, calib, kwargs, final_dim, writer, dtype
     """Each decoder layer read, made invariant, sliced, written and dropped, in order."""
     d, eps = model.config.hidden_size, adapter.norm_eps(model)
     dims = calib.info.dims
-    for i in tqdm(range(len(dims)), desc="slice (streamed)", unit="layer", disable=not progress):
+    for i in progress_bar(range(len(dims)), desc="slice (streamed)", unit="layer", disable=not progress):
         dense = adapter.layers(model)[i]
         materialise(model, dense, reader, dtype)
         layer = invariant_layer(adapter, dense, d, eps)

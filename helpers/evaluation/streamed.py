@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from helpers.compression.sliced_io import SLICING_FILE, sliced_skeleton
@@ -30,6 +29,7 @@ from helpers.compression.slicing import (
 from helpers.compression.streaming import materialise, pass_through_layers, skeleton, to_meta
 from helpers.evaluation.perplexity import PerplexityResult, perplexity_of
 from helpers.infra.memory import return_large_blocks
+from helpers.infra.progress import progress_bar
 from helpers.infra.shards import CheckpointReader
 from helpers.models.adapters import get_adapter
 from helpers.models.loading import pick_device
@@ -82,7 +82,7 @@ def streamed_logits(
             kwargs = {len(ids): record_layer_kwargs(model, ids) for ids in batches}
             first_layer_inputs(model, batches, xs)
         layers = adapter.layers(model)
-        for i in tqdm(range(len(layers)), desc="forward (streamed)", unit="layer", disable=not progress):
+        for i in progress_bar(range(len(layers)), desc="forward (streamed)", unit="layer", disable=not progress):
             layer = layers[i]
             materialise(model, layer, reader, dtype)
             layer.to(device)
