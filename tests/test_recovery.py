@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import run_without_helpers
 from transformers import AutoTokenizer
 
 from helpers.cli import main
@@ -167,17 +165,7 @@ def test_recovered_folders_reload_with_the_lab_and_plain_transformers(tmp_path, 
         meta = json.loads((out / ("pruning.json" if kind == "pruned" else "slicing.json")).read_text())
         assert meta["recovery"]["tokens"] == report.tokens == report.steps * 2 * 32 > 0
         assert meta["recovery"]["source"] == str(source)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    run = subprocess.run(
-        [sys.executable, "-c", PLAIN, str(tmp_path / "ids.pt"), *outs],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_without_helpers(PLAIN, [str(tmp_path / "ids.pt"), *outs], tmp_path)
     for out in outs:
         lab, _ = load_model(out, device="cpu")
         assert (torch.load(out + ".logits") - _logits(lab, ids)).abs().max() < TOL, out

@@ -4,13 +4,11 @@ interpreter that never imports helpers, and give the lab loader's logits."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import run_without_helpers
 from transformers import AutoModelForCausalLM
 
 from helpers.compression.checkpoints import load_model, save_pruned
@@ -78,17 +76,7 @@ def test_saved_folders_load_with_plain_transformers(tmp_path):
     ]
     ids = _ids()
     torch.save(ids, tmp_path / "ids.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    run = subprocess.run(
-        [sys.executable, "-c", PLAIN, str(tmp_path / "ids.pt"), *folders],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_without_helpers(PLAIN, [str(tmp_path / "ids.pt"), *folders], tmp_path)
     for folder in folders:
         lab, _ = load_model(folder, device="cpu")
         with torch.no_grad():

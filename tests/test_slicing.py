@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny_models import noisy_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers.compression import allocation
@@ -21,23 +22,11 @@ from helpers.compression.slicing import (
     untie_sliced,
 )
 from helpers.models.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types
-from helpers.models.loading import tiny_model
 from helpers.models.sliced_layers import PreNormSlicedLayer
 
 FAMILIES = supported_model_types()
 DYNAMIC = [48, 40, 56, 32]  # different kept dims per layer: rectangular shortcuts
 TOL = 1e-4
-
-
-def noisy_model(model_type: str, seed: int = 0, tied: bool = False):
-    """A tiny model whose norm scales are random and far from 1, so folding is really exercised."""
-    model = tiny_model(model_type, seed=seed, tie_word_embeddings=tied)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(0.25 + 1.5 * torch.rand(param.shape, generator=gen))
-    return model
 
 
 def calib(n: int = 6, seqlen: int = 32, seed: int = 0) -> torch.Tensor:

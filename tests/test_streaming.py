@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import noisy_model
 
 from helpers.compression.allocation import ModelShape, constant_dims
 from helpers.compression.sliced_io import load_sliced
@@ -19,23 +20,8 @@ from helpers.infra.shards import CheckpointReader, ShardWriter
 from helpers.models.adapters import supported_model_types
 from helpers.models.loading import tiny_model
 
-TINY = {  # what a family's tiny config needs beyond tiny_model's defaults
-    "opt": {"ffn_dim": 96, "word_embed_proj_dim": 64},
-    "gemma3_text": {"head_dim": 16, "sliding_window": 8},
-}
 DIMS = [48, 40, 56, 32]
 TOL = 1e-4
-
-
-def noisy(model_type: str, tied: bool = False, seed: int = 0):
-    """A tiny model of the family with random norm weights far from their defaults, so folding is exercised."""
-    model = tiny_model(model_type, seed=seed, tie_word_embeddings=tied, **TINY.get(model_type, {}))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(0.25 + 1.5 * torch.rand(param.shape, generator=gen))
-    return model
 
 
 def windows(n: int = 6, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
@@ -53,7 +39,7 @@ def logits(model, ids):
 @pytest.mark.parametrize(("tied", "final_dim"), [(False, None), (True, 40)])
 def test_streamed_equals_in_memory_on_every_family(tmp_path, model_type, tied, final_dim):
     """Same dims, layout and logits as rotate_and_slice on the same weights (tied checkpoints, a sliced head too)."""
-    model = noisy(model_type, tied=tied)
+    model = noisy_model(model_type, tied=tied)
     model.save_pretrained(tmp_path / "dense")
     info = stream_slice(tmp_path / "dense", tmp_path / "streamed", windows(), DIMS, final_dim=final_dim, progress=False)
     reference = rotate_and_slice(model, windows(), DIMS, final_dim=final_dim, progress=False)
@@ -208,7 +194,7 @@ def test_streamed_perplexity_equals_the_whole_model(tmp_path, model_type):
     from helpers.evaluation.perplexity import perplexity_on_ids
     from helpers.evaluation.streamed import streamed_perplexity
 
-    model = noisy(model_type, tied=True)
+    model = noisy_model(model_type, tied=True)
     model.save_pretrained(tmp_path / "dense")
     ids = windows(5, 24, seed=3)  # batches of 2, 2 and 1 window
     for folder in ("dense", "sliced"):

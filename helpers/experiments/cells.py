@@ -17,7 +17,8 @@ from helpers.analysis.redundancy import cached_layer_redundancy
 from helpers.compression.allocation import Allocation, ModelShape, layer_allocation
 from helpers.compression.checkpoints import load_model
 from helpers.compression.ledger import ledger_totals, parameter_ledger
-from helpers.compression.slicing import rotate_and_slice, save_sliced
+from helpers.compression.sliced_io import save_sliced
+from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.stats import accuracy_se, perplexity_interval
 from helpers.evaluation.tasks import paper_metric
