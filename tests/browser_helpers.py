@@ -27,11 +27,18 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90) -> 
     raise TimeoutError(f"nothing listened on port {port} within {timeout} s")
 
 
-def readout_values(text: str) -> tuple[float, float, float]:
-    """(realised mean, requested SP, requested SB) parsed from the app's readout."""
-    found = re.search(r"realised mean slice: ([\d.]+) \(requested SP ([\d.]+), SB ([\d.]+)", text)
+def readout_values(text: str) -> tuple[float, float, float, float]:
+    """(realised mean, requested SP, requested SB, SP sliced at) parsed from the app's readout.
+
+    At the matched size the formula runs at the SP that holds constant slicing's parameter count; at
+    the nominal size that is the requested SP.
+    """
+    found = re.search(
+        r"realised mean slice: ([\d.]+) \(.*?requested SP ([\d.]+),(?: sliced at SP ([\d.]+),)? SB ([\d.]+)", text
+    )
     assert found, f"readout not understood: {text!r}"
-    return tuple(float(v) for v in found.groups())
+    realised, sp, sliced, sb = found.groups()
+    return float(realised), float(sp), float(sb), float(sliced or sp)
 
 
 def press(page, handle, key: str, times: int) -> None:

@@ -25,6 +25,7 @@ DOCS_PAGES = (
     "findings",
     "speed",
     "streaming",
+    "recovery",
     "validation",
     "reliability",
     "gemma3",
