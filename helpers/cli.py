@@ -188,7 +188,7 @@ positive_float.__name__ = "positive number"
 
 
 def _recover_args(p: argparse.ArgumentParser) -> None:
-    from helpers.compression.recovery import RecoverySettings
+    from helpers.compression.recovery import LOSSES, RecoverySettings
 
     d = RecoverySettings()
     p.add_argument("--model", required=True, help="a sliced, pruned or hybrid folder saved by the lab")
@@ -206,6 +206,11 @@ def _recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=fraction, default=d.warmup, help="fraction of the steps spent warming up")
     p.add_argument("--targets", default=",".join(d.targets), help="comma-separated linear layer names to adapt")
     p.add_argument("--shortcuts", action="store_true", help="also adapt a sliced model's shortcut matrices")
+    p.add_argument(
+        "--autocast", choices=("bfloat16", "float16", "float32"), default=d.autocast, help="training precision"
+    )
+    p.add_argument("--loss", choices=LOSSES, default=d.loss, help="lm: next-token loss; distill: match --teacher")
+    p.add_argument("--teacher", default=None, help="the dense model (name or folder) that --loss distill learns from")
     p.add_argument("--text", default=d.text, help="training text; must share no text with the evaluation books")
     p.add_argument("--seed", type=count, default=d.seed)
     _out_args(p, "sliced", "folder for the recovered model (same kind as --model)", required=True)
@@ -218,7 +223,7 @@ def run_recover(args: argparse.Namespace) -> int:
 
     from helpers.compression.recovery import recover_folder
 
-    report = recover_folder(args.model, args.out, args.settings)
+    report = recover_folder(args.model, args.out, args.settings, teacher=args.teacher)
     before, after = report.val_loss_before, report.val_loss_after
     print(f"validation perplexity {math.exp(before):.3f} -> {math.exp(after):.3f} (best at step {report.best_step})")
     stop = "stopped early" if report.stopped_early else "budget spent"
@@ -238,6 +243,8 @@ def _preflight_recover(args: argparse.Namespace) -> None:
         )
     if not Path(args.model).expanduser().is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such folder; give a folder saved by `slice` or `prune`.")
+    if args.loss == "distill" and not args.teacher:
+        raise UsageError("--loss distill needs --teacher, the dense model the folder was compressed from.")
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     args.settings = RecoverySettings(
         rank=args.rank,
@@ -254,6 +261,8 @@ def _preflight_recover(args: argparse.Namespace) -> None:
         warmup=args.warmup,
         targets=targets,
         shortcuts=args.shortcuts,
+        autocast=args.autocast,
+        loss=args.loss,
         text=args.text,
         seed=args.seed,
     )
@@ -268,37 +277,41 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--size", choices=sorted(SIZES), default="reduced", help="the reproduce preset the others default to"
     )
-    p.add_argument("--slice-fraction", type=fraction, default=None, help="constant slicing's SP (default: first SP)")
+    p.add_argument("--sps", type=fraction, nargs="+", default=None, help="SPs to match sizes to (default: the size's)")
     p.add_argument("--sb", type=fraction, default=BASE_SLICE, help="dynamic slicing's base slice")
     p.add_argument("--windows", type=positive_int, default=None, help="calibration windows")
     p.add_argument("--task-limit", type=positive_int, default=None, help="questions per zero-shot task")
-    p.add_argument("--eval-windows", type=positive_int, default=None, help="perplexity windows")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="replacement training steps")
+    p.add_argument("--eval-windows", type=positive_int, default=None, help="perplexity windows per held-out book")
+    p.add_argument("--recovery-tokens", type=positive_int, default=None, help="LoRA's and the replacement's budget")
 
 
 @command("compare", _compare_args)
 def run_compare(args: argparse.Namespace) -> int:
-    """Depth pruning vs slicing at matched parameter counts; writes data/runs/depth_comparison.{csv,md}."""
+    """Every method at matched parameter counts, before and after recovery; writes data/runs/depth_comparison."""
     import dataclasses
 
-    from helpers.experiments.compare import DEPTH_TABLE, compare
+    from helpers.experiments.cells import Lab, cell_result
+    from helpers.experiments.compare import DEPTH_TABLE, grid
+    from helpers.experiments.methods_report import comparison_table, summary_table
     from helpers.experiments.presets import SIZES
-    from helpers.experiments.reports import depth_settings
+    from helpers.experiments.results import CellCache
     from helpers.infra.storage import write_table
 
     preset = SIZES[args.size]
     chosen = {
         "model": args.model,
-        "sps": (preset.sps[0] if args.slice_fraction is None else args.slice_fraction,),
+        "recover_sps": tuple(args.sps) if args.sps else None,
         "calib_windows": args.windows,
         "limit": args.task_limit,
         "eval_windows": args.eval_windows,
-        "depth_steps": args.max_steps,
+        "recovery_tokens": args.recovery_tokens,
     }
     settings = dataclasses.replace(preset, **{k: v for k, v in chosen.items() if v is not None})
-    table, _ = compare(depth_settings(settings, args.sb))
+    lab = Lab(settings)
+    cells = grid(lab, dict.fromkeys(settings.recover_sps, args.sb))
+    table = comparison_table(cells, cell_result(lab, CellCache("sweep"), 0.0, None))
     written = write_table(table, DEPTH_TABLE)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(summary_table(table))
     print(f"wrote {', '.join(map(str, written))}")
     return 0
 

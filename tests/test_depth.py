@@ -178,33 +178,39 @@ def test_real_model_replacement_beats_identity(smollm, tmp_path):
 
 
 def test_comparison_table_from_cells():
-    from helpers.experiments.compare import comparison_table
+    from helpers.experiments.methods_report import comparison_table
 
     rng = np.random.default_rng(1)
     scores = rng.normal(size=(30, 4)).tolist()
     labels = rng.integers(0, 4, 30).tolist()
     noisy = (np.array(scores) + rng.normal(scale=2.0, size=(30, 4))).tolist()
 
-    def cell(params, task_scores, acc, nll=3.0):
+    def cell(params, task_scores, nll=3.0, tokens=0):
+        correct = (np.argmax(task_scores, 1) == labels).astype(int).tolist()
+        task = dict(acc_norm=float(np.mean(correct)), correct=correct, scores=task_scores, labels=labels)
         return dict(
             layers=4,
             params=params,
-            perplexity=float(np.exp(nll)),
-            window_nll=[nll * 10] * 4,
-            window_tokens=[10] * 4,
-            tokens_per_s=1.0,
+            ppl_eval=float(np.exp(nll)),
+            eval_window_nll=[nll * 10] * 4,
+            eval_window_tokens=[10] * 4,
             info={},
-            tasks={"piqa": dict(acc=acc, scores=task_scores, labels=labels)},
+            training={"tokens": tokens, "seconds": 1.0, "peak_memory_mb": 10.0} if tokens else None,
+            tasks={"piqa": task},
         )
 
-    table = comparison_table(
-        {"dense": cell(100, scores, 0.6), "pruned": cell(75, noisy, 0.4, nll=3.5)}, {}, reference="dense"
-    )
-    dense, pruned = table.iloc[0], table.iloc[1]
-    assert dense["stability"] == pytest.approx(1.0) and 0 < pruned["stability"] < 1
-    assert pruned["removed_pct"] == pytest.approx(25.0) and pruned["avg_acc"] == pytest.approx(0.4)
+    dense = cell(100, scores)
+    cells = {
+        ("dynamic slicing", 0.3, "none"): cell(75, noisy, nll=3.5),
+        ("dynamic slicing", 0.3, "LoRA"): cell(75, scores, nll=3.2, tokens=64),
+    }
+    table = comparison_table(cells, dense).set_index(["method", "recovery"])
+    before, after = table.loc[("dynamic slicing", "none")], table.loc[("dynamic slicing", "LoRA")]
+    assert table.loc[("dense", "none"), "stability"] == pytest.approx(1.0) and 0 < before["stability"] < 1
+    assert before["removed_pct"] == pytest.approx(25.0) and after["params"] == before["params"]
     right = np.mean(np.argmax(scores, 1) == labels)
-    assert dense["avg_acc_se"] == pytest.approx(np.sqrt(right * (1 - right) / 29))
-    assert dense["acc_verdict"] == "not resolved" and pruned["ppl_verdict"] == "worse"
-    assert pruned["ppl_diff_low"] > 0 and dense["acc_diff"] == dense["acc_diff_low"] == 0
-    assert dense["perplexity_low"] == pytest.approx(np.exp(3.0))
+    assert table.loc[("dense", "none"), "avg_acc_se"] == pytest.approx(np.sqrt(right * (1 - right) / 29))
+    assert after["gain_acc_diff"] == pytest.approx(after["avg_acc"] - before["avg_acc"])
+    assert after["gain_ppl_verdict"] == "better" and after["gain_ppl_diff_high"] < 0  # every window's NLL fell
+    assert after["tokens"] == 64 and before["tokens"] == 0 and after["acc_diff"] == 0  # its own reference
+    assert table.loc[("dense", "none"), "perplexity_low"] == pytest.approx(np.exp(3.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -117,7 +118,9 @@ def test_recovery_lowers_validation_loss_and_restores_the_best_adapters():
 
     # validated on the sequence run backwards, training soon hurts: the best adapters, not the last, are kept
     backwards = windows.flip(1)[32:]
-    settings = RecoverySettings(rank=4, lr=1e-2, tokens=40 * 4 * 32, seqlen=32, eval_every=2, patience=2, seed=0)
+    settings = RecoverySettings(
+        rank=4, lr=1e-2, tokens=40 * 4 * 32, seqlen=32, eval_every=2, patience=2, seed=0, autocast="float32"
+    )
     restored, report = recover(_sliced(), None, settings, train, backwards, progress=False)
     val = report.history["val_loss"]
     assert report.stopped_early and report.best_step < report.steps and min(val) < val[-1] - 0.01
@@ -185,6 +188,31 @@ def test_recovery_windows_share_no_token_run_with_any_evaluation_window(tokenize
         recovery_data(tokenizer, RecoverySettings(text=EVAL_TEXT, held_out=(EVAL_TEXT,)))
 
 
+def test_distillation_moves_the_compressed_model_towards_the_dense_teacher():
+    """Loss 'distill' lowers KL(teacher || model) on held-out windows, computed here from both models' logits,
+    and refuses to run without a teacher."""
+    teacher = tiny_model("llama", seed=1).eval()
+    teacher.lm_head.weight.data.mul_(8)  # confident predictions, so that a thin student is far from them
+    student = copy.deepcopy(teacher)
+    rotate_and_slice(student, _ids(), [16, 16, 16, 16], progress=False)  # a quarter of the width
+    train = val = _ids(n=8)  # random tokens do not generalise: fit the teacher on the windows it is judged on
+
+    def kl(m: torch.nn.Module) -> float:
+        t = F.log_softmax(_logits(teacher, val)[:, :-1], -1).flatten(0, 1)
+        s = F.log_softmax(_logits(m, val)[:, :-1], -1).flatten(0, 1)
+        return float(F.kl_div(s, t, log_target=True, reduction="batchmean"))
+
+    before = kl(student)
+    settings = RecoverySettings(
+        rank=4, lr=1e-4, tokens=20 * 4 * 32, seqlen=32, eval_every=4, loss="distill", autocast="float32"
+    )
+    with pytest.raises(ValueError, match="teacher"):
+        recover(_sliced(), None, settings, train, val, progress=False)
+    recovered, report = recover(student, None, settings, train, val, progress=False, teacher=teacher)
+    assert report.val_loss_before == pytest.approx(before, rel=1e-3)  # validation measures the same KL
+    assert report.best_step > 0 and kl(recovered) < 0.8 * before
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("recover")
@@ -206,6 +234,7 @@ BAD = [
     (["--model", "{r}/sliced", "--targets", "q_proj,wq"], "No linear layer named 'wq'"),
     (["--model", "{r}/sliced", "--tokens", "100"], "does not fill one step"),
     (["--model", "{r}/sliced", "--text", EVAL_TEXT], "shares"),
+    (["--model", "{r}/sliced", "--loss", "distill"], "--loss distill needs --teacher"),
 ]
 
 

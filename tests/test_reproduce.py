@@ -95,7 +95,7 @@ def test_comparisons_give_paired_verdicts_and_generated_statements():
 
 @pytest.mark.slow
 def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
-    settings = SIZES["smoke"]
+    settings = dataclasses.replace(SIZES["smoke"], depth=True)  # with the method comparison and its recovery
     tables = reproduce.reproduce(settings, tmp_path, progress=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     written = sorted(p.name for p in tmp_path.iterdir() if p.name != "manifest.json")
@@ -110,30 +110,60 @@ def test_smoke_reproduce_writes_every_output_and_resumes(tmp_path, monkeypatch):
         "sweep_cells.csv",
         "comparisons.csv",
         "results_summary.md",
+        "depth_comparison.csv",
+        "depth_summary.md",
+        "replacement_vs_lora.csv",
+        "accuracy_vs_removed.png",
+        "accuracy_vs_speed.png",
     ):
         assert (tmp_path / name).stat().st_size > 100, name
     assert manifest["versions"]["torch"] and manifest["files"]["results_table.csv"]["params"]["limit"] == settings.limit
     for name in ("results_table.csv", "figure1_allocation.png", "speed_table.md"):  # cells computed here or cached
         assert set(manifest["files"][name]["cells_machines"]) <= {machine_name(), NOT_RECORDED}, name
         assert manifest["files"][name]["cells_machines"] and manifest["files"][name]["machine"] == machine_name()
+    assert manifest["files"]["accuracy_vs_removed.png"]["params"]["recovery"]["tokens"] == settings.recovery_tokens
 
     results = pd.read_csv(tmp_path / "results_table.csv")
-    assert results["method"].tolist() == ["dense", "constant", "dynamic"]
-    dense, constant, dynamic = results["params"]
+    assert results["method"].tolist() == ["dense", "constant", "dynamic", "constant", "dynamic"]
+    assert results["recovery"].tolist() == ["none", "none", "none", "LoRA", "LoRA"]
+    dense, constant, dynamic, constant_rft, dynamic_rft = results["params"]
     assert constant < dense and dynamic < dense  # tied layout: slicing removes parameters
     assert abs(dynamic - constant) / constant < 1e-3  # matched size
+    assert (constant_rft, dynamic_rft) == (constant, dynamic)  # merged adapters add no parameter
     assert (results["ppl_eval_low"] <= results["ppl_eval"]).all() and (
         results["ppl_eval"] <= results["ppl_eval_high"]
     ).all()
     assert np.all(results["questions"] == settings.limit * len(settings.tasks))
+
+    depth = pd.read_csv(tmp_path / "depth_comparison.csv")
+    lora = depth[depth["recovery"] == "LoRA"].set_index("method")
+    before = depth[depth["recovery"] == "none"].set_index("method")
+    assert set(lora.index) == set(before.index) - {"dense"} and len(lora) == 5
+    assert (lora["params"] == before.loc[lora.index, "params"]).all()  # recovery keeps every model's size
+    budget = settings.recovery().planned_steps * settings.recovery().batch_size * settings.seqlen
+    replacement = depth[depth["recovery"] == "replacement"].iloc[0]
+    assert (lora["tokens"] == budget).all() and replacement["tokens"] == budget  # one budget for every method
+    gain = lora["avg_acc"] - before.loc[lora.index, "avg_acc"]  # the paired gain's point estimate, in closed form
+    assert np.allclose(lora["gain_acc_diff"], gain)
+    assert np.allclose(lora.loc["dynamic slicing", ["acc_diff", "ppl_diff"]].astype(float), 0.0)
+    assert 0.0 < before.loc["constant slicing", "removed_pct"] < 100
+    assert abs(before.loc["ShortGPT", "removed_pct"] - before.loc["constant slicing", "removed_pct"]) < 3.0
+    summary = (tmp_path / "depth_summary.md").read_text()
+    assert "trained replacement minus LoRA at the same tokens" in summary and "both recovered" in summary
+
     speed = tables["speed"]
-    assert len(speed) == 3 * 4 and (speed["tokens_per_s"] > 0).all() and (speed["peak_memory_mb"] > 100).all()
-    assert set(speed["model"]) == {"dense", "constant SP=0.3 SB=0.3", "dynamic SP=0.3 SB=0"}
+    labels = (
+        {"dense"}
+        | {f"{name} SP=0.3" for name in before.index if name != "dense"}
+        | {"LLM-Streamline + replacement SP=0.3"}
+    )
+    assert set(speed["model"]) == labels and len(speed) == len(labels) * 2
+    assert (speed["tokens_per_s"] > 0).all() and (speed["peak_memory_mb"] > 100).all()
     assert (speed.loc[speed["model"] == "dense", "ratio_to_dense"] == 1).all()
     report = (tmp_path / "speed_table.md").read_text()
-    b16 = speed[(speed["model"] == "constant SP=0.3 SB=0.3") & speed["workload"].str.startswith("generate b16")]
-    assert f"| {b16['ratio_to_dense'].iloc[0]:.3f} [" in report  # the benchmark's own table ...
-    assert report.count("- constant SP=0.3 SB=0.3, float32, ") == 4  # ... and one reading per workload
+    gen = speed[(speed["model"] == "ShortGPT SP=0.3") & speed["workload"].str.startswith("generate")]
+    assert f"| {gen['ratio_to_dense'].iloc[0]:.3f} [" in report  # the benchmark's own table ...
+    assert report.count("- ShortGPT SP=0.3, float32, ") == 2  # ... and one reading per workload
 
     gaps = reproduce.check(settings, tmp_path)  # `reproduce --check`: the committed cells come back
     assert gaps["relative"] < 1e-4 and gaps["accuracy_points"] == 0  # same machine: not one answer flips

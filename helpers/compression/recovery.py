@@ -43,6 +43,7 @@ HELD_OUT_TEXTS = tuple(book for book in GUTENBERG_BOOKS if book != CALIB_TEXT)  
 BETAS = (0.9, 0.95)  # AdamW, as SliceGPT's recovery fine-tuning
 WEIGHT_DECAY = 0.01
 SPAN = 32  # tokens: two texts that share a run this long share text
+LOSSES = ("lm", "distill")
 
 
 class NotCompressedError(ValueError):
@@ -67,6 +68,8 @@ class RecoverySettings:
     warmup: float = 0.1  # fraction of the planned steps with a rising learning rate
     targets: tuple[str, ...] = LINEAR_TARGETS
     shortcuts: bool = False  # also adapt the sliced layers' shortcut matrices
+    autocast: str = "bfloat16"  # the training forward's precision (torch.autocast); "float32" turns it off
+    loss: str = "lm"  # "lm": next-token cross-entropy; "distill": KL divergence from a dense teacher's predictions
     text: str = CALIB_TEXT
     held_out: tuple[str, ...] = HELD_OUT_TEXTS
     seed: int = 0
@@ -95,6 +98,10 @@ class RecoverySettings:
             )
         if not self.targets:
             raise ValueError("targets is empty; name the linear layers to adapt, e.g. q_proj,v_proj.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
+        if self.autocast not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"autocast must be bfloat16, float16 or float32, got {self.autocast!r}.")
 
     @property
     def planned_steps(self) -> int:
@@ -228,14 +235,29 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def validation_loss(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
-    """Mean token NLL over the windows `ids`, in eval mode (no dropout)."""
+def distill_loss(model: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over predicted tokens of KL(teacher || model) between next-token distributions: the compressed
+    model learns to predict what the dense model predicts, not the training text itself."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    log_probs = F.log_softmax(logits, dim=-1)
+    return F.kl_div(log_probs.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def objective(model: nn.Module, ids: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
+    """The recovery loss on windows `ids`: next-token NLL, or with a `teacher` the KL from its predictions."""
+    return lm_loss(model, ids) if teacher is None else distill_loss(model, teacher, ids)
+
+
+def validation_loss(model: nn.Module, ids: torch.Tensor, batch_size: int, teacher: nn.Module | None = None) -> float:
+    """The recovery loss (`objective`) averaged over the windows `ids`, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
         total = sum(
-            float(lm_loss(model, ids[i : i + batch_size].to(device))) * len(ids[i : i + batch_size])
+            float(objective(model, ids[i : i + batch_size].to(device), teacher)) * len(ids[i : i + batch_size])
             for i in range(0, len(ids), batch_size)
         )
     model.train(was_training)
@@ -272,6 +294,11 @@ def _schedule(optimiser: torch.optim.Optimizer, steps: int, warmup: float) -> to
     return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
 
 
+def _autocast(device: torch.device, dtype: str) -> torch.autocast:
+    """Mixed precision for the training forward: weights and adapters stay float32, matmuls run in `dtype`."""
+    return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
 def _lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
@@ -283,13 +310,18 @@ def recover(
     train_ids: torch.Tensor | None = None,
     val_ids: torch.Tensor | None = None,
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> tuple[nn.Module, RecoveryReport]:
     """Train LoRA adapters on `model`, restore the best ones by validation loss and merge them into the weights.
 
-    Windows default to `recovery_data` (disjoint from the held-out texts). Returns the merged model (same
-    modules and parameter count as before) and a report. The model is changed in place.
+    Windows default to `recovery_data` (disjoint from the held-out texts). With `settings.loss` "distill" the
+    adapters learn `teacher`'s (the dense model's) predictions; validation measures the same loss.
+    Returns the merged model (same modules and parameter count as before) and a report. The model is changed
+    in place.
     """
     settings = settings or RecoverySettings()
+    if settings.loss == "distill" and teacher is None:
+        raise ValueError("loss 'distill' needs the dense teacher model (--teacher).")
     if train_ids is None or val_ids is None:
         train_ids, val_ids = recovery_data(tokenizer, settings)
     if len(train_ids) < settings.batch_size or len(val_ids) == 0:
@@ -303,8 +335,9 @@ def recover(
     optimiser = torch.optim.AdamW(trainable, lr=settings.lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     steps = settings.planned_steps
     scheduler = _schedule(optimiser, steps, settings.warmup)
-    history: dict[str, list] = dict(step=[], train_loss=[], val_step=[], val_loss=[])
-    best_val = validation_loss(peft_model, val_ids, settings.batch_size)
+    history: dict = dict(step=[], train_loss=[], val_step=[], val_loss=[], loss=settings.loss)
+    teacher = teacher if settings.loss == "distill" else None
+    best_val = validation_loss(peft_model, val_ids, settings.batch_size, teacher)
     history["val_step"].append(0)
     history["val_loss"].append(best_val)
     val_before, best_step, best_state, waited = best_val, 0, _lora_state(peft_model), 0
@@ -318,7 +351,9 @@ def recover(
             perm = torch.randperm(len(train_ids), generator=order)
             usable = len(perm) - len(perm) % settings.batch_size
             batches = list(perm[:usable].split(settings.batch_size))
-        loss = lm_loss(peft_model, train_ids[batches.pop(0)].to(device))
+        ids = train_ids[batches.pop(0)].to(device)
+        with _autocast(device, settings.autocast):
+            loss = objective(peft_model, ids, teacher)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -329,7 +364,7 @@ def recover(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{history['val_loss'][-1]:.3f}", best=f"{best_val:.3f}")
         if step % settings.eval_every == 0 or step == steps:
-            val = validation_loss(peft_model, val_ids, settings.batch_size)
+            val = validation_loss(peft_model, val_ids, settings.batch_size, teacher)
             history["val_step"].append(step)
             history["val_loss"].append(val)
             if val < best_val:
@@ -367,19 +402,27 @@ def recover(
 
 
 def recover_folder(
-    folder: str | Path, out: str | Path, settings: RecoverySettings | None = None, progress: bool = True
+    folder: str | Path,
+    out: str | Path,
+    settings: RecoverySettings | None = None,
+    progress: bool = True,
+    teacher: str | None = None,
 ) -> RecoveryReport:
     """Recover a sliced, pruned or hybrid folder and save the merged model to `out` as a folder of the same kind.
 
-    The recipe and what it cost go into the folder's slicing.json / pruning.json under "recovery".
+    `teacher`: the dense model (name or folder) that loss "distill" learns from. The recipe and what it cost
+    go into the folder's slicing.json / pruning.json under "recovery".
     """
     settings = settings or RecoverySettings()
     kind = check_recovery_folder(folder, settings)
+    if settings.loss == "distill" and teacher is None:
+        raise ValueError("--loss distill needs --teacher, the dense model the folder was compressed from.")
     tokenizer = with_bos(AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
     train_ids, val_ids = recovery_data(tokenizer, settings)  # refuses a text that overlaps the evaluation books
     model, tokenizer = load_model(str(folder), device="cpu")
-    model, report = recover(model, tokenizer, settings, train_ids, val_ids, progress=progress)
-    record = {**asdict(report), "source": str(folder)}
+    dense = load_model(teacher, device="cpu")[0].eval() if settings.loss == "distill" else None
+    model, report = recover(model, tokenizer, settings, train_ids, val_ids, progress=progress, teacher=dense)
+    record = {**asdict(report), "source": str(folder), "teacher": teacher}
     if kind == "sliced":
         save_sliced(model, tokenizer, out, extra={"recovery": record})
     else:

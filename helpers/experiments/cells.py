@@ -16,14 +16,14 @@ import torch
 from helpers.analysis.redundancy import cached_layer_redundancy
 from helpers.compression.allocation import Allocation, ModelShape, layer_allocation
 from helpers.compression.checkpoints import load_model
-from helpers.compression.ledger import ledger_totals, parameter_ledger
+from helpers.compression.depth import parameter_count
 from helpers.compression.sliced_io import save_sliced
 from helpers.compression.slicing import rotate_and_slice
 from helpers.evaluation.perplexity import perplexity_on_ids
 from helpers.evaluation.stats import accuracy_se, perplexity_interval
 from helpers.evaluation.tasks import paper_metric
 from helpers.experiments import sweeps
-from helpers.experiments.measure import correct, measure
+from helpers.experiments.measure import correct, measure, per_character_scores
 from helpers.experiments.presets import Settings
 from helpers.experiments.results import CellCache
 from helpers.experiments.sweeps import sb_values
@@ -31,6 +31,7 @@ from helpers.infra.integrity import code_fingerprint, imported_code
 from helpers.infra.progress import progress_bar
 from helpers.infra.storage import DATA_DIR, cache_key, slug
 from helpers.infra.textdata import load_split, load_windows
+from helpers.models.adapters import get_adapter
 
 
 class Lab:
@@ -54,26 +55,40 @@ class Lab:
         """The allocation of cell (SP, SB) at constant slicing's parameter count (`allocation.layer_allocation`)."""
         return layer_allocation(self.lr["lr"].to_numpy(), sp, sb, ModelShape.from_config(self.model.config))
 
+    def dense_copy(self) -> torch.nn.Module:
+        """A copy of the dense model to compress (the lab's own stays untouched), under the settings' seed."""
+        torch.manual_seed(self.settings.seed)
+        return copy.deepcopy(self.model)
+
     def sliced(self, sp: float, sb: float) -> torch.nn.Module:
         """A freshly sliced copy of the dense model at (SP, SB)."""
-        torch.manual_seed(self.settings.seed)
-        model = copy.deepcopy(self.model)
+        model = self.dense_copy()
         dims = [int(d) for d in self.allocation(sp, sb).kept_dim]
         rotate_and_slice(model, self.calib, dims, progress=False)
         return model
 
-    def measure(self, model: torch.nn.Module) -> dict:
-        """Parameter count, both perplexities (with each window's NLL) and zero-shot answers of one model."""
+    def measure(self, model: torch.nn.Module, select: bool = True) -> dict:
+        """Parameter count, layers, held-out perplexity (with each window's NLL), zero-shot answers (with each
+        option's score per character, for stability) and, with `select`, the selection-book perplexity."""
         s = self.settings
         result = measure(model, self.tokenizer, self.eval, {t: s.task_limit(t) for t in s.tasks}, s.dtype)
         held_out = result.perplexity
         return {
-            "params": ledger_totals(parameter_ledger(model))["total"],
-            "ppl_select": perplexity_on_ids(model, self.select, progress=False).perplexity,
+            "params": parameter_count(model),
+            "layers": len(get_adapter(model).layers(model)),
+            "ppl_select": perplexity_on_ids(model, self.select, progress=False).perplexity if select else None,
             "ppl_eval": held_out.perplexity,
             "eval_window_nll": list(held_out.window_nll),
             "eval_window_tokens": list(held_out.window_tokens),
-            "tasks": {task: {**r.summary, "correct": correct(r)} for task, r in result.tasks.items()},
+            "tasks": {
+                task: {
+                    **r.summary,
+                    "correct": correct(r),
+                    "scores": per_character_scores(r),
+                    "labels": [int(v) for v in r.labels],
+                }
+                for task, r in result.tasks.items()
+            },
         }
 
 
@@ -112,7 +127,8 @@ def speed_folder(settings: Settings, sp: float, sb: float) -> Path:
 def cell_result(lab: Lab, cache: CellCache, sp: float, sb: float | None) -> dict:
     """One cell's measurements, from the cache or computed and cached (atomically).
 
-    A sliced model at the first SP is also saved for the speed step, which would otherwise slice it again.
+    A sliced model at an SP of `recover_sps` is also saved, for recovery and the speed step, which would otherwise
+    slice it again.
     """
     s = lab.settings
     if sb is None:
@@ -121,7 +137,7 @@ def cell_result(lab: Lab, cache: CellCache, sp: float, sb: float | None) -> dict
     def compute() -> dict:
         model = lab.sliced(sp, sb)
         folder = speed_folder(s, sp, sb)
-        if np.isclose(sp, s.sps[0]) and not (folder / "slicing.json").exists():
+        if np.isclose(sp, s.recover_sps).any() and not (folder / "slicing.json").exists():
             save_sliced(model, lab.tokenizer, folder)
         return lab.measure(model)
 

@@ -180,11 +180,24 @@ def read_speed_table(speed: pd.DataFrame) -> str:
 
 
 def read_depth_comparison(table: pd.DataFrame, reference: str = "dynamic slicing") -> str:
-    """Read the depth-vs-slicing table: sizes, the best rows, and each row's paired verdict against `reference`.
+    """Read the method comparison: per SP and recovery (a table with those columns), the sizes, the best rows
+    and each row's paired verdict against `reference` (a trained replacement is read with the recovered rows).
 
     The verdicts come from the table's `ppl_*` / `acc_*` difference columns (paired 95% intervals on the same
     windows and questions); a table without them is read without verdicts.
     """
+    if not {"sp", "recovery"} <= set(table.columns):
+        return _read_methods(table, reference)
+    rows = table[table["method"] != "dense"]
+    state = rows["recovery"].where(rows["recovery"] == "none", "recovered")
+    parts = []
+    for (sp, recovered), group in rows.groupby([rows["sp"], state]):
+        when = "before recovery" if recovered == "none" else "after recovery"
+        parts.append(f"**SP {sp:.2f}, {when}.** " + _read_methods(group, reference))
+    return "\n\n".join(parts)
+
+
+def _read_methods(table: pd.DataFrame, reference: str) -> str:
     rows = table[table["method"] != "dense"]
     best_ppl = rows.loc[rows["perplexity"].idxmin()]
     best_acc = rows.loc[rows["avg_acc"].idxmax()]

@@ -14,8 +14,10 @@ import pandas as pd
 from helpers.compression.sliced_io import save_sliced
 from helpers.evaluation import speed, stats
 from helpers.evaluation.speed import WORKLOADS
-from helpers.experiments.cells import Lab, best_dynamic, cell_params, speed_folder
-from helpers.experiments.compare import CompareSettings, compare, summary_table
+from helpers.experiments import compare
+from helpers.experiments.cells import Lab, best_dynamic, cell_params, cell_result, flatten, speed_folder
+from helpers.experiments.compare import LORA, NONE, SLICING
+from helpers.experiments.methods_report import comparison_table, recovery_statements, replacement_vs_lora, summary_table
 from helpers.experiments.presets import Settings
 from helpers.experiments.readings import read_depth_comparison, read_speed_table
 from helpers.experiments.results import CellCache, Manifest
@@ -24,21 +26,49 @@ from helpers.infra.integrity import code_fingerprint
 from helpers.infra.storage import markdown_table, write_text_atomic
 from helpers.infra.textdata import bos_id
 from helpers.models.loading import model_label, pick_device
-from helpers.ui import plots
+from helpers.ui import comparison_plots, plots
 
 
-def results_table(cells: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
-    """The paper-style table: rows method x SP; tasks, average, perplexity, parameters kept."""
+def recovered_rows(grid: dict, cells: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
+    """The sweep's constant and best dynamic rows at each SP of `recover_sps` after LoRA recovery (`compare.grid`),
+    flattened like the sweep's cells so that the results and comparisons tables pair them."""
+    picked = pd.concat([cells[cells["method"] == "constant"], best_dynamic(cells)]).set_index(["method", "sp"])
+    rows = []
+    for (name, sp, state), cell in grid.items():
+        if state != LORA or name not in SLICING:
+            continue
+        method = "constant" if name == "constant slicing" else "dynamic"
+        source = picked.loc[(method, sp)]
+        where = {k: source[k] for k in ("sb", "sliced_sp", "realised_slice")}
+        measured = {k: v for k, v in cell.items() if k not in ("info", "training")}
+        rows.append(
+            {"method": method, "sp": sp, **where, "recovery": LORA, "tokens": cell["training"]["tokens"], **measured}
+        )
+    return flatten(rows, tasks)
+
+
+def _with_recovery(cells: pd.DataFrame, recovered: pd.DataFrame | None) -> pd.DataFrame:
+    """The sweep's dense, constant and best dynamic rows (recovery "none"), then the recovered ones."""
     picked = pd.concat([cells[cells["method"].isin(["dense", "constant"])], best_dynamic(cells)])
+    picked = picked.assign(recovery=NONE, tokens=0)
+    return picked if recovered is None or recovered.empty else pd.concat([picked, recovered])
+
+
+def results_table(cells: pd.DataFrame, tasks: tuple[str, ...], recovered: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The paper-style table: rows method x SP x recovery; tasks, average, perplexity, parameters kept."""
+    picked = _with_recovery(cells, recovered)
     dense_params = int(cells.loc[cells["method"] == "dense", "params"].iloc[0])
     table = picked.assign(params_kept=picked["params"] / dense_params)
+    order = {"dense": 0, "constant": 1, "dynamic": 2, NONE: 0, LORA: 1}
     table = table.sort_values(
-        ["sp", "method"], key=lambda c: c.map({"dense": 0, "constant": 1, "dynamic": 2}) if c.name == "method" else c
+        ["sp", "recovery", "method"], key=lambda c: c.map(order) if c.name in ("method", "recovery") else c
     )
     columns = [
         "method",
         "sp",
         "sb",
+        "recovery",
+        "tokens",
         "realised_slice",
         *[c for t in tasks for c in (t, f"{t}_se")],
         "average",
@@ -52,18 +82,28 @@ def results_table(cells: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
     return table[columns].reset_index(drop=True)
 
 
-def comparisons_table(cells: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
-    """Best dynamic minus constant at each SP, on the same questions and windows: paired 95% intervals, verdicts.
+def comparisons_table(
+    cells: pd.DataFrame, tasks: tuple[str, ...], recovered: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Best dynamic minus constant at each SP and recovery, on the same questions and windows: paired 95%
+    intervals, verdicts.
 
     Accuracy rows also carry McNemar's exact p-value and its Holm adjustment over every accuracy row of the
     table (the several comparisons made at once); the verdict itself is read from the bootstrap interval.
     """
-    constant = cells[cells["method"] == "constant"].set_index("sp")
+    picked = _with_recovery(cells, recovered)
+    constant = picked[picked["method"] == "constant"].set_index(["sp", "recovery"])
     rows = []
-    for dyn in best_dynamic(cells).itertuples():
-        const = constant.loc[dyn.sp]
+    for dyn in picked[picked["method"] == "dynamic"].itertuples():
+        const = constant.loc[(dyn.sp, dyn.recovery)]
         a, b = dyn.raw["tasks"], const["raw"]["tasks"]
-        base = {"sp": dyn.sp, "sb": dyn.sb, "params_dynamic": dyn.params, "params_constant": const["params"]}
+        base = {
+            "sp": dyn.sp,
+            "sb": dyn.sb,
+            "recovery": dyn.recovery,
+            "params_dynamic": dyn.params,
+            "params_constant": const["params"],
+        }
         for task in tasks:
             cmp = stats.paired_accuracy(a[task]["correct"], b[task]["correct"])
             p = stats.mcnemar(a[task]["correct"], b[task]["correct"])
@@ -111,11 +151,14 @@ def _interval(comparison) -> tuple[float, float]:
 def comparison_statements(table: pd.DataFrame, model: str) -> str:
     """README sentences on dynamic vs constant slicing, generated from the paired intervals."""
     lines = []
-    for sp, rows in table.groupby("sp"):
+    groups = sorted(table.groupby(["sp", "recovery"]), key=lambda g: (g[0][0], g[0][1] != NONE))
+    for (sp, recovery), rows in groups:
         r = rows.set_index("metric")
         avg, ppl = r.loc["average"], r.loc["perplexity"]
+        state = "" if recovery == NONE else ", both recovered with LoRA"
         lines.append(
-            f"- SP = {sp:.2f} ({model}; dynamic SB = {avg['sb']:.2f} with {int(avg['params_dynamic']):,} parameters, "
+            f"- SP = {sp:.2f}{state} ({model}; dynamic SB = {avg['sb']:.2f} with {int(avg['params_dynamic']):,} "
+            "parameters, "
             f"constant {int(avg['params_constant']):,}): average accuracy dynamic minus constant "
             f"{100 * avg['diff']:+.1f} points (95% paired interval "
             f"{100 * avg['low']:+.1f} to {100 * avg['high']:+.1f}, "
@@ -161,82 +204,98 @@ def results_summary(results: pd.DataFrame, comparisons: pd.DataFrame, settings: 
         sp, sb = ("-", "-") if r.method == "dense" else (f"{r.sp:.2f}", f"{r.sb:.2f}")
         accuracy = f"{r.average:.3f} +/- {se:.3f}"
         perplexity = f"{r.ppl_eval:.1f} ({r.ppl_eval_low:.1f}-{r.ppl_eval_high:.1f})"
-        rows.append([r.method, sp, sb, f"{r.realised_slice:.3f}", f"{r.params:,}", accuracy, perplexity])
-    header = "method | SP | SB | realised slice | parameters | average accuracy | perplexity (95% interval)"
+        recovery = r.recovery if r.recovery == NONE else f"{r.recovery}, {r.tokens:,} tokens"
+        rows.append([r.method, sp, sb, recovery, f"{r.realised_slice:.3f}", f"{r.params:,}", accuracy, perplexity])
+    header = "method | SP | SB | recovery | realised slice | parameters | average accuracy | perplexity (95% interval)"
     return (
         f"{intro}\n\n{markdown_table(header, rows)}"
-        + "\nDynamic minus constant slicing at the same parameter count (paired):\n\n"
+        + "\nDynamic minus constant slicing at the same parameter count (paired), before and after recovery:\n\n"
         + comparison_statements(comparisons, model_label(settings.model))
     )
 
 
 def write_comparisons(
-    cells: pd.DataFrame, results: pd.DataFrame, lab: Lab, out: Path, manifest: Manifest
+    cells: pd.DataFrame, results: pd.DataFrame, lab: Lab, out: Path, manifest: Manifest, recovered: pd.DataFrame | None
 ) -> pd.DataFrame:
-    """The paired dynamic-vs-constant table and the README text generated from it (`results_summary.md`)."""
+    """The paired dynamic-vs-constant table (before and, with `recovered`, after recovery) and the README text
+    generated from it (`results_summary.md`)."""
     settings = lab.settings
-    table = comparisons_table(cells, settings.tasks)
-    write_table(table, out / "comparisons", manifest, "comparisons", **cell_params(settings))
+    table = comparisons_table(cells, settings.tasks, recovered)
+    sources = ("sweep",) if recovered is None else ("sweep", "depth_compare")
+    write_table(table, out / "comparisons", manifest, "comparisons", cells=sources, **cell_params(settings))
     summary = results_summary(results, table, settings, bos=bos_id(lab.tokenizer) is not None)
     text = write_text_atomic(out / "results_summary.md", summary)
-    manifest.record(text, "results_summary", cells=("sweep",), **cell_params(settings))
+    manifest.record(text, "results_summary", cells=sources, **cell_params(settings))
     return table
 
 
 def speed_workloads(settings: Settings) -> tuple:
-    """Prefill of 1 and 8 prompts of `speed_prompt` tokens; `speed_new_tokens` generated at batch 1 and 16."""
-    return tuple(
-        dataclasses.replace(w, length=settings.speed_prompt, new_tokens=0)
-        if w.kind == "prefill"
-        else dataclasses.replace(w, new_tokens=settings.speed_new_tokens)
-        for w in WORKLOADS
+    """Prefill of one prompt of `speed_prompt` tokens and `speed_new_tokens` generated at batch 1: the two regimes
+    of the accuracy-against-speed figure (scripts/bench_speed.py runs every workload at full size)."""
+    return (
+        dataclasses.replace(WORKLOADS[0], length=settings.speed_prompt, new_tokens=0),
+        dataclasses.replace(WORKLOADS[2], new_tokens=settings.speed_new_tokens),
     )
 
 
-def speed_table(lab: Lab, cells: pd.DataFrame, cache: CellCache | None = None) -> pd.DataFrame:
-    """Interleaved speed benchmark (`speed`) of dense, constant and best dynamic at the first SP, float32.
+def speed_groups(lab: Lab, cells: pd.DataFrame, folders: dict[str, Path] | None) -> dict[float, dict[str, str]]:
+    """The models the speed step times, one group per SP of `recover_sps`, dense in each: every architecture of
+    the method comparison (`folders`), or without it the sweep's constant and best dynamic slicing."""
+    s = lab.settings
+    best = best_dynamic(cells).set_index("sp")
+    groups = {}
+    for sp in s.recover_sps:
+        models = {"dense": s.model}
+        if folders is None:
+            for name, sb in (("constant slicing", sp), ("dynamic slicing", float(best.loc[sp, "sb"]))):
+                folder = speed_folder(s, sp, sb)
+                if not (folder / "slicing.json").exists():  # saved by the sweep unless its cell came from the cache
+                    save_sliced(lab.sliced(sp, sb), lab.tokenizer, folder)
+                models[f"{name} SP={sp:g}"] = str(folder)
+        else:
+            models.update({label: str(f) for label, f in folders.items() if label.endswith(f" SP={sp:g}")})
+        groups[sp] = models
+    return groups
 
-    One SP keeps the step short: `scripts/bench_speed.py` runs the full-size workloads in both dtypes.
 
-    Each model runs in its own worker process; sliced ones are saved once under
-    data/sliced/reproduce/ (`speed_folder`). The raw samples are cached as one cell.
+def speed_table(
+    lab: Lab, cells: pd.DataFrame, folders: dict[str, Path] | None = None, cache: CellCache | None = None
+) -> pd.DataFrame:
+    """Interleaved speed benchmark (`speed`) in float32 of every model in `speed_groups`, group by group.
+
+    Each model runs in its own worker process, requests alternate between the models of a group, and
+    ratios pair each sample with dense's from the same round. The raw samples are cached as one cell per group.
     """
     s, cache = lab.settings, cache or CellCache("speed")
-    picked = pd.concat([cells[cells["method"].isin(["dense", "constant"])], best_dynamic(cells)])
-    picked = picked[np.isclose(picked["sp"], 0.0) | np.isclose(picked["sp"], s.sps[0])]
-    models = {}
-    for row in picked.itertuples():
-        if row.method == "dense":
-            models["dense"] = s.model
-            continue
-        folder = speed_folder(s, row.sp, row.sb)
-        if not (folder / "slicing.json").exists():  # saved by the sweep unless its cell came from the cache
-            save_sliced(lab.sliced(row.sp, row.sb), lab.tokenizer, folder)
-        models[f"{row.method} SP={row.sp:g} SB={row.sb:g}"] = str(folder)
     workloads = speed_workloads(s)
-    params = {
-        "kind": "interleaved",
-        "models": sorted(models),
-        "workloads": [w.name for w in workloads],
-        "speed_code": code_fingerprint(speed),
-        **cell_params(s),
-    }
+    summaries = []
+    for sp, models in speed_groups(lab, cells, folders).items():
+        params = {
+            "kind": "interleaved",
+            "models": sorted(models),
+            "workloads": [w.name for w in workloads],
+            "speed_code": code_fingerprint(speed),
+            **cell_params(s),
+        }
 
-    def measure() -> dict:
-        samples = speed.interleaved_benchmark(models, "float32", workloads, progress=lab.progress)
-        return {"samples": samples.to_dict("records")}
+        def measure(models=models) -> dict:
+            samples = speed.interleaved_benchmark(models, "float32", workloads, repeats=3, progress=lab.progress)
+            return {"samples": samples.to_dict("records")}
 
-    return speed.summarise(pd.DataFrame(cache.get_or_compute(params, measure)["samples"]))
+        summary = speed.summarise(pd.DataFrame(cache.get_or_compute(params, measure)["samples"]))
+        summaries.append(summary.assign(sp=sp))
+    return pd.concat(summaries, ignore_index=True)
 
 
 def write_speed_report(summary: pd.DataFrame, settings: Settings, out: Path, manifest: Manifest) -> None:
-    """speed_table.csv (every column of `speed.summarise`) and speed_table.md: what was run, the benchmark's
-    table (`speed.speed_markdown`) and one generated reading per sliced model and workload."""
+    """speed_table.csv (every column of `speed.summarise`, and the group's SP) and speed_table.md: what was run,
+    the benchmark's table (`speed.speed_markdown`) and one generated reading per compressed model and workload."""
     header = (
         f"{model_label(settings.model)}; {speed.device_name(pick_device(None), threads=False)}, one torch thread per "
-        f"worker process; prompts of {settings.speed_prompt} tokens, {settings.speed_new_tokens} new tokens "
-        "(scripts/bench_speed.py runs the full-size workloads); one warm-up round, then interleaved rounds; "
-        "median [interquartile range]; ratio = the per-round tokens/s over dense's.\n\n"
+        f"worker process; prefill of one prompt of {settings.speed_prompt} tokens, {settings.speed_new_tokens} new "
+        "tokens at batch 1 (scripts/bench_speed.py runs the full-size workloads); one group of models per SP, dense "
+        "in each; one warm-up round, then interleaved rounds; median [interquartile range]; ratio = the per-round "
+        "tokens/s over dense's.\n\n"
     )
     text = header + speed.speed_markdown(summary) + "\n" + read_speed_table(summary) + "\n"
     params = {"prompt": settings.speed_prompt, "new_tokens": settings.speed_new_tokens, **cell_params(settings)}
@@ -245,17 +304,17 @@ def write_speed_report(summary: pd.DataFrame, settings: Settings, out: Path, man
 
 
 def figures(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> None:
-    """Figure 1, Figures 2-5 (one per SP), the perplexity comparison."""
+    """Figure 1, Figures 2-4 (one per SP of `figure_sps`, the paper's), the perplexity comparison."""
     s = lab.settings
     best = best_dynamic(cells).set_index("sp")
-    sp0 = s.sps[0]
+    sp0 = s.figure_sps[0]
     sb0 = float(best.loc[sp0, "sb"]) if sp0 in best.index else 0.0
     fig = plots.plot_allocation(lab.allocation(sp0, sb0), title=f"{s.model}: SP={sp0}, SB={sb0} (best by perplexity)")
     files = plots.save_figure(fig, out / "figure1_allocation")
     manifest.record(files, "figure1", cells=("sweep",), sp=sp0, sb=sb0, **cell_params(s))
     limits = plots.accuracy_limits(cells, list(s.tasks))
     dense = cells[cells["method"] == "dense"].iloc[0]
-    for index, sp in enumerate(s.sps, start=2):
+    for index, sp in enumerate(s.figure_sps, start=2):
         fig = plots.plot_accuracy_vs_sb(cells[cells["sp"] == sp], list(s.tasks), sp, dense, limits)
         files = plots.save_figure(fig, out / f"figure{index}_accuracy_vs_sb_sp{round(sp * 100)}")
         manifest.record(files, "accuracy_vs_sb", cells=("sweep",), sp=sp, **cell_params(s))
@@ -264,33 +323,42 @@ def figures(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> Non
     manifest.record(files, "perplexity_comparison", cells=("sweep",), **cell_params(s))
 
 
-def depth_settings(settings: Settings, sb: float) -> CompareSettings:
-    """The depth comparison's settings at the first SP of `settings`, dynamic slicing at base slice `sb`."""
-    return CompareSettings(
-        model=settings.model,
-        calib=settings.calib_text,
-        seqlen=settings.seqlen,
-        calib_windows=settings.calib_windows,
-        train_windows=settings.calib_windows // 2,
-        max_steps=settings.depth_steps,
-        slice_fraction=settings.sps[0],
-        base_slice=sb,
-        eval_text=settings.eval_texts[0],
-        eval_seqlen=settings.seqlen,
-        eval_windows=settings.eval_windows,
-        tasks=settings.tasks,
-        task_limit=settings.limit,
-        dtype=settings.dtype,
+def dynamic_sbs(cells: pd.DataFrame, sps: tuple[float, ...]) -> dict[float, float]:
+    """The base slice the sweep picked for dynamic slicing at each SP of `sps`."""
+    best = best_dynamic(cells).set_index("sp")
+    return {sp: float(best.loc[sp, "sb"]) for sp in sps}
+
+
+def method_comparison(lab: Lab, cells: pd.DataFrame, out: Path, manifest: Manifest) -> tuple[pd.DataFrame, dict]:
+    """Every method at matched size at each SP of `recover_sps`, before and after recovery (`compare.grid`):
+    depth_comparison.{csv,md}, replacement_vs_lora.{csv,md} and depth_summary.md with the generated statements."""
+    s = lab.settings
+    grid = compare.grid(lab, dynamic_sbs(cells, s.recover_sps), lab.progress)
+    dense = cell_result(lab, CellCache("sweep"), 0.0, None)
+    table = comparison_table(grid, dense)
+    params = {**cell_params(s), "recovery": dataclasses.asdict(s.recovery())}
+    manifest.record(storage.write_table(table, out / "depth_comparison"), "depth_comparison", cells=SOURCES, **params)
+    replacement = replacement_vs_lora(table)
+    files = storage.write_table(replacement, out / "replacement_vs_lora")
+    manifest.record(files, "replacement_vs_lora", cells=SOURCES, **params)
+    text = f"{summary_table(table)}\n{read_depth_comparison(table)}\n\n" + recovery_statements(
+        table, grid, model_label(s.model)
     )
+    manifest.record(write_text_atomic(out / "depth_summary.md", text), "depth_summary", cells=SOURCES, **params)
+    return table, grid
 
 
-def depth_comparison(settings: Settings, sb: float, out: Path, manifest: Manifest, progress: bool) -> pd.DataFrame:
-    """Depth pruning vs slicing at the parameter count of constant slicing at the first SP (notebook 05)."""
-    compare_settings = depth_settings(settings, sb)
-    table, _ = compare(compare_settings, progress=progress)
-    params = dataclasses.asdict(compare_settings)
-    files = storage.write_table(table, out / "depth_comparison")
-    manifest.record(files, "depth_comparison", cells=("depth_compare",), **params)
-    summary = write_text_atomic(out / "depth_summary.md", f"{summary_table(table)}\n{read_depth_comparison(table)}\n")
-    manifest.record(summary, "depth_summary", cells=("depth_compare",), **params)
-    return table
+SOURCES = ("sweep", "depth_compare")  # the caches the method comparison reads
+
+
+def method_figures(table: pd.DataFrame, speed_summary: pd.DataFrame, settings: Settings, out: Path, manifest: Manifest):
+    """Accuracy and perplexity against parameters removed, and accuracy against measured speed-up, every method
+    before and after recovery."""
+    params = {**cell_params(settings), "recovery": dataclasses.asdict(settings.recovery())}
+    title = f"{model_label(settings.model)}; recovery: LoRA, {settings.recovery_tokens:,} tokens"
+    files = plots.save_figure(comparison_plots.plot_methods_vs_removed(table, title), out / "accuracy_vs_removed")
+    manifest.record(files, "accuracy_vs_removed", cells=SOURCES, **params)
+    files = plots.save_figure(
+        comparison_plots.plot_accuracy_vs_speed(table, speed_summary, title), out / "accuracy_vs_speed"
+    )
+    manifest.record(files, "accuracy_vs_speed", cells=(*SOURCES, "speed"), **params)
