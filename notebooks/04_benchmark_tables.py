@@ -20,7 +20,7 @@
 # dimension) with dynamic slicing (each layer keeps a dimension set by its Layer Redundancy) at
 # the same mean slice SP, sweeping the base slice SB from SP (constant) down to 0 (fully
 # dynamic). This notebook renders that comparison: zero-shot accuracy against SB (the paper's
-# Figures 2-5), perplexity, and a table of method x SP.
+# Figures 2-4), perplexity, and a table of method x SP.
 #
 # Every number comes from `helpers.experiments.reproduce`, which caches one result per (SP, SB) cell under
 # `data/cache/sweep/`: after `python -m helpers reproduce` has run, this notebook only reads.
@@ -129,11 +129,11 @@ display(Markdown(read_results_table(table, tasks, settings.limit, **reading_inte
 
 # %%
 best = best_dynamic(cells).set_index("sp")
-sp0 = settings.sps[0]
+sp0 = settings.figure_sps[0]
 sb0 = float(best.loc[sp0, "sb"])
 fig = plots.plot_allocation(lab.allocation(sp0, sb0), title=f"SP = {sp0}, SB = {sb0}")
 # %% [markdown]
-# ## Figures 2-5: accuracy against SB
+# ## Accuracy against SB: the paper's Figures 2-4 (SP 0.30 to 0.40), and SP 0.10 and 0.20
 #
 # The red line is constant slicing (SB = SP) with its standard-error band; the dashed line is the
 # dense model; error bars are one standard error. Every dynamic point is sliced at the parameter

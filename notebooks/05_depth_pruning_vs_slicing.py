@@ -184,47 +184,46 @@ for name, m in (("dense", model), (f"pruned ({len(get_adapter(reloaded).layers(r
 # %% [markdown]
 # ## Everything at the same parameter count
 #
-# Constant slicing at the fraction `slice_fraction` (the preset's first SP, printed below) sets the budget;
-# dynamic slicing uses the same mean slice with base slice `base_slice`; ShortGPT and LLM-Streamline
-# remove as many layers as that many parameters; the hybrid (future work in the dynamic-slicing
-# paper) removes half of those layers by Block Influence and slices the rest dynamically by LR.
-# Stability is LLM-Streamline's agreement with the dense model, weighted by how sure the dense model
-# is. The table is cached per row, so rerunning resumes; in fast mode this step is skipped (run
-# `python -m helpers compare` for it). The committed table in `figures/depth_comparison.md` comes
-# from `python -m helpers reproduce`, whose settings are printed with it below.
+# Constant slicing at SP 0.30 sets the budget; dynamic slicing uses the same mean slice with base
+# slice `BASE_SLICE`; ShortGPT and LLM-Streamline remove as many layers as that many parameters; the
+# hybrid (future work in the dynamic-slicing paper) removes half of those layers by Block Influence
+# and slices the rest dynamically by LR. Stability is LLM-Streamline's agreement with the dense model,
+# weighted by how sure the dense model is. `compare.grid` measures every method before and after
+# recovery fine-tuning (lesson 07); here we read the rows before recovery. The cells are cached, so
+# rerunning resumes; in fast mode this step is skipped (`python -m helpers compare` runs it). The
+# committed table in `figures/depth_comparison.md` comes from `python -m helpers reproduce`.
 
 # %%
 import dataclasses
 
 from helpers.evaluation.allocation_rules import BASE_SLICE
-from helpers.experiments.compare import DEPTH_TABLE, compare
+from helpers.experiments.cells import Lab, cell_result
+from helpers.experiments.compare import DEPTH_TABLE, grid
+from helpers.experiments.methods_report import comparison_table
 from helpers.experiments.presets import SIZES
-from helpers.experiments.reports import depth_settings
+from helpers.experiments.results import CellCache
 from helpers.infra.storage import write_table
 
-# the gallery's settings (the reduced preset) on this lesson's model and calibration windows
-lesson = dataclasses.replace(SIZES["reduced"], model=MODEL, calib_text=CALIB, seqlen=SEQLEN, calib_windows=WINDOWS)
-compare_settings = depth_settings(lesson, BASE_SLICE)
-print(f"budget: constant slicing at {compare_settings.slice_fraction}, dynamic with SB = {compare_settings.base_slice}")
+# the gallery's settings (the reduced preset) at one SP
+lesson = dataclasses.replace(SIZES["reduced"], model=MODEL, recover_sps=(0.3,))
 if RUN_COMPARISON:
-    table, raw = compare(compare_settings)
+    lab = Lab(lesson)
+    cells = grid(lab, {0.3: BASE_SLICE})
+    table = comparison_table(cells, cell_result(lab, CellCache("sweep"), 0.0, None))
     write_table(table, DEPTH_TABLE)
-    display(Markdown(table.to_markdown(index=False, floatfmt=".3f")))
-    for cell in raw["cells"].values():
-        if "history" in cell["info"]:
-            plots.plot_loss_curve(cell["info"]["history"])
+    display(Markdown(table[table["recovery"] == "none"].to_markdown(index=False, floatfmt=".3f")))
 
 # %% [markdown]
 # ## The committed comparison, read
 #
 # `python -m helpers reproduce` writes the comparison into `figures/` with the settings in its
-# manifest. The reading below is generated from that table.
+# manifest. The reading below is generated from that table, SP by SP, before and after recovery.
 
 # %%
 committed = FIGURES_DIR / "depth_comparison.csv"
 if committed.exists():
     params = json.loads((FIGURES_DIR / "manifest.json").read_text())["files"]["depth_comparison.csv"]["params"]
-    print(f"committed run: slice fraction {params['slice_fraction']}, base slice {params['base_slice']}")
+    print(f"committed run: SPs {params.get('sps')}, recovery {params.get('recovery', {}).get('tokens')} tokens")
     display(Markdown(read_depth_comparison(pd.read_csv(committed))))
 
 # %% [markdown]

@@ -42,7 +42,7 @@
 # [arXiv:2403.03853](https://arxiv.org/abs/2403.03853)) for Block Influence; Gromov et al.
 # ([arXiv:2403.17887](https://arxiv.org/abs/2403.17887)) for angular distance; Molchanov et al.
 # ([arXiv:1906.10771](https://arxiv.org/abs/1906.10771)) for first-order Taylor importance. Follows
-# `05_depth_pruning_vs_slicing`.
+# `05_depth_pruning_vs_slicing`; the next lesson, `07_recovery`, heals the compressed models.
 
 # %% tags=["parameters"]
 import os
