@@ -109,7 +109,8 @@ def comparisons_table(
             p = stats.mcnemar(a[task]["correct"], b[task]["correct"])
             rows.append({**base, "metric": task, "dynamic": getattr(dyn, task), "constant": const[task]})
             rows[-1].update(cmp.as_dict(), mcnemar_p=p)
-        cmp = stats.paired_average([a[t]["correct"] for t in tasks], [b[t]["correct"] for t in tasks])
+        ordered = sorted(tasks)  # the task order of every paired average (methods_report.paired): the same draws
+        cmp = stats.paired_average([a[t]["correct"] for t in ordered], [b[t]["correct"] for t in ordered])
         rows.append({**base, "metric": "average", "dynamic": dyn.average, "constant": const["average"]})
         rows[-1].update(cmp.as_dict())
         nll_a, nll_b = dyn.raw["eval_window_nll"], const["raw"]["eval_window_nll"]
