@@ -28,9 +28,11 @@
 # $$ W' = W + \frac{\alpha}{r} B A, \qquad A: r \times n_\text{in}, \quad B: n_\text{out} \times r, $$
 #
 # with $B = 0$ at the start (so training starts from the compressed model itself). Only $A$ and $B$
-# train, on the language-model loss of a text that shares nothing with the evaluation books. At the
-# end $BA$ is added into $W$ ("merged"): the recovered model has the same layout and parameter count
-# as before, so every size comparison of the earlier lessons still holds.
+# train, on a text that shares nothing with the evaluation books, with one of two losses: the
+# language-model loss (SliceGPT's: predict the text) or *distillation* (predict what the dense model
+# predicts, KL divergence per token), which the gallery uses. At the end $BA$ is added into $W$
+# ("merged"): the recovered model has the same layout and parameter count as before, so every size
+# comparison of the earlier lessons still holds.
 #
 # **You will be able to**
 #
@@ -96,8 +98,9 @@ print(f"after merging the (still zero) updates: {parameter_count(merged):,} para
 # refuses a text that shares any 32-token run with an evaluation book. `recover` trains with AdamW
 # (warm-up, then linear decay), validates every few steps and restores the adapters of the best
 # validation step before merging: with early stopping, a run that starts to overfit gives back its
-# best point, not its last. **Look for** how far the validation perplexity falls from step 0, and
-# whether the curve has flattened by the end of the budget (if not, more tokens would help).
+# best point, not its last. With distillation the validation loss is the KL divergence from the dense
+# model (0 would be the dense model itself). **Look for** how far it falls from step 0, and whether the
+# curve has flattened by the end of the budget (if not, more tokens would help).
 
 # %%
 train_ids, val_ids = recovery_data(lab.tokenizer, recipe)
@@ -172,6 +175,8 @@ if summary.exists():
 # 5. What is restored at the end of `recover`, and why not simply the last step?
 # 6. LLM-Streamline trains a replacement block instead of LoRA. What does "the same budget" mean for the two?
 # 7. Why can depth pruning be faster than slicing at the same parameter count when generating one token at a time?
+# 8. Why might distilling from the dense model recover held-out perplexity where the language-model loss on one
+#    novel does not?
 #
 # ## Exercises
 #
