@@ -64,11 +64,11 @@ class Settings:
 
 
 SIZES: dict[str, Settings] = {
-    # The setup command's main job, at most 30 minutes on 2 idle CPU cores: 200 questions per task scored in
-    # bfloat16 with the shared-context scorer, perplexity on three held-out books.
+    # The setup command's main job, meant for 45 minutes on 2 idle CPU cores (measured 47.2, docs/findings.md):
+    # 100 questions per task scored in bfloat16, perplexity on three held-out books, recovery at 8,192 tokens.
     "reduced": Settings(),
-    # Statistical power within 3 hours here (about 2 h estimated; `--rules` adds about as much): whole
-    # validation splits, 2,000 HellaSwag questions.
+    # Statistical power (not run here; hours on 2 cores): whole validation splits, 2,000 HellaSwag questions,
+    # recovery at 32,768 tokens.
     "standard": Settings(limit=None, task_limits=(("hellaswag", 2000),), eval_windows=32, recovery_tokens=32_768),
     # The paper's protocol sizes (SB step 0.02, whole validation splits): hours on a GPU.
     "full": Settings(
