@@ -188,7 +188,7 @@ positive_float.__name__ = "positive number"
 
 
 def _recover_args(p: argparse.ArgumentParser) -> None:
-    from helpers.compression.recovery import LOSSES, RecoverySettings
+    from helpers.compression.recovery import AUTOCASTS, LOSSES, RecoverySettings
 
     d = RecoverySettings()
     p.add_argument("--model", required=True, help="a sliced, pruned or hybrid folder saved by the lab")
@@ -206,9 +206,7 @@ def _recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=fraction, default=d.warmup, help="fraction of the steps spent warming up")
     p.add_argument("--targets", default=",".join(d.targets), help="comma-separated linear layer names to adapt")
     p.add_argument("--shortcuts", action="store_true", help="also adapt a sliced model's shortcut matrices")
-    p.add_argument(
-        "--autocast", choices=("bfloat16", "float16", "float32"), default=d.autocast, help="training precision"
-    )
+    p.add_argument("--autocast", choices=AUTOCASTS, default=d.autocast, help="training precision")
     p.add_argument("--loss", choices=LOSSES, default=d.loss, help="lm: next-token loss; distill: match --teacher")
     p.add_argument("--teacher", default=None, help="the dense model (name or folder) that --loss distill learns from")
     p.add_argument("--text", default=d.text, help="training text; must share no text with the evaluation books")

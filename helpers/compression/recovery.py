@@ -44,6 +44,7 @@ BETAS = (0.9, 0.95)  # AdamW, as SliceGPT's recovery fine-tuning
 WEIGHT_DECAY = 0.01
 SPAN = 32  # tokens: two texts that share a run this long share text
 LOSSES = ("lm", "distill")
+AUTOCASTS = ("bfloat16", "float16", "float32")  # training precisions; float32 turns autocast off
 
 
 class NotCompressedError(ValueError):
@@ -100,8 +101,8 @@ class RecoverySettings:
             raise ValueError("targets is empty; name the linear layers to adapt, e.g. q_proj,v_proj.")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
-        if self.autocast not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"autocast must be bfloat16, float16 or float32, got {self.autocast!r}.")
+        if self.autocast not in AUTOCASTS:
+            raise ValueError(f"autocast must be one of {', '.join(AUTOCASTS)}, got {self.autocast!r}.")
 
     @property
     def planned_steps(self) -> int:

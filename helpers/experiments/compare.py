@@ -127,14 +127,15 @@ def _replacement(lab: Lab, ctx: Context, sp: float, sb: float) -> tuple[nn.Modul
         seed=r.seed,
         progress=False,
     )
+    steps = int(history["step"][-1]) if history["step"] else 0
     training = dict(
         seconds=time.perf_counter() - start,
         peak_memory_mb=peak_memory_mb(device),
-        steps=int(history["step"][-1]) if history["step"] else 0,
-        tokens=(int(history["step"][-1]) if history["step"] else 0) * r.batch_size * r.seqlen,
+        steps=steps,
+        tokens=steps * r.batch_size * r.seqlen,
         trainable=int(sum(p.numel() for p in get_adapter(model).layers(model)[info["removed"][0]].parameters())),
     )
-    return model, {**info, "training": training, "history": history}
+    return model, {**info, "training": training}
 
 
 def _hybrid(lab: Lab, ctx: Context, sp: float, sb: float) -> tuple[nn.Module, dict]:
@@ -182,19 +183,28 @@ def variant_folder(settings: Settings, name: str, sp: float, sb: float) -> Path:
     return DATA_DIR / "pruned" / "reproduce" / f"{slug(settings.model)}-{slug(name)}-{key}"
 
 
+def _saved(folder: Path) -> bool:
+    return (folder / "slicing.json").exists() or (folder / "pruning.json").exists()
+
+
+def _public(info: dict) -> dict:
+    """What a builder did, without what training cost (a cell keeps that apart, as `training`)."""
+    return {k: v for k, v in info.items() if k != "training"}
+
+
 def _save(model: nn.Module, tokenizer, folder: Path, info: dict) -> None:
-    if (folder / "slicing.json").exists() or (folder / "pruning.json").exists():
+    if _saved(folder):
         return
     if "dims" in info:  # sliced (the hybrid too: its layers were removed first)
         save_sliced(model, tokenizer, folder)
     else:
-        save_pruned(model, tokenizer, folder, {k: v for k, v in info.items() if k not in ("history", "training")})
+        save_pruned(model, tokenizer, folder, _public(info))
 
 
 def _load_or_build(lab: Lab, ctx: Context, name: str, sp: float, sb: float) -> tuple[nn.Module, dict]:
     """The variant's model, saved for the speed step; a slicing row is read back from the folder the sweep saved."""
     folder = variant_folder(lab.settings, name, sp, sb)
-    if name in SLICING and (folder / "slicing.json").exists():
+    if name in SLICING and _saved(folder):
         model, _ = load_model(str(folder), device="cpu")
         return model, _slicing_info(lab, sp, _sweep_sb(name, sp, sb))
     model, info = build_variant(name, lab, ctx, sp, sb)
@@ -217,20 +227,18 @@ class _Variant:
     def measured(self) -> dict:
         """Measure the variant as built; a trained replacement's cost goes with the cell as recovery's does."""
         model, info = self.get()
-        public = {k: v for k, v in info.items() if k not in ("history", "training")}
-        return dict(self.lab.measure(model, select=False), info=public, training=info.get("training"))
+        return dict(self.lab.measure(model, select=False), info=_public(info), training=info.get("training"))
 
     def recovered(self) -> dict:
         """Recover the variant in place with the shared recipe, then measure it; training's cost goes with it."""
         model, info = self.get()
-        recipe, ctx = self.ctx.recovery, self.ctx
+        ctx = self.ctx
         model, report = recover(
-            model, self.lab.tokenizer, recipe, ctx.train_ids, ctx.val_ids, progress=False, teacher=self.lab.model
+            model, self.lab.tokenizer, ctx.recovery, ctx.train_ids, ctx.val_ids, progress=False, teacher=self.lab.model
         )
         keep = ("steps", "tokens", "best_step", "val_loss_before", "val_loss_after", "seconds", "peak_memory_mb")
         training = {k: getattr(report, k) for k in keep} | {"trainable": report.trainable}
-        public = {k: v for k, v in info.items() if k not in ("history", "training")}
-        return dict(self.lab.measure(model, select=False), info=public, training=training)
+        return dict(self.lab.measure(model, select=False), info=_public(info), training=training)
 
 
 def grid(lab: Lab, sbs: dict[float, float], progress: bool = True) -> dict[tuple[str, float, str], dict]:
@@ -270,7 +278,7 @@ def ensure_saved(lab: Lab, sbs: dict[float, float]) -> dict[str, Path]:
     for sp in s.recover_sps:
         for name in VARIANTS:
             folder = variant_folder(s, name, sp, sbs[sp])
-            if not ((folder / "slicing.json").exists() or (folder / "pruning.json").exists()):
+            if not _saved(folder):
                 ctx = ctx or context(lab)
                 _load_or_build(lab, ctx, name, sp, sbs[sp])
             out[f"{name} SP={sp:g}"] = folder
